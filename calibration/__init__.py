@@ -1,0 +1,1 @@
+"""edge_ad.calibration: calibration sets and score/threshold calibration."""

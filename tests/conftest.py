@@ -1,0 +1,26 @@
+"""Shared fixtures. Real data lives beside the repository in ../shared/data/real (never copied in)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def real_data_root() -> Path:
+    """Root of the shared real-image datasets (MVTec layout); EDGE_AD_REAL_DATA overrides it."""
+    override = os.environ.get("EDGE_AD_REAL_DATA")
+    return Path(override) if override else REPO_ROOT.parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    root = real_data_root()
+    if not root.is_dir():
+        pytest.fail(
+            f"real data not found at {root}: clone the repository beside shared/ "
+            "or set EDGE_AD_REAL_DATA to the folder holding mvtec_hazelnut_256/ etc."
+        )
+    return root
