@@ -1,0 +1,5 @@
+import sys
+
+from edge_ad.cli.main import main
+
+sys.exit(main())

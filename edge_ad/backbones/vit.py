@@ -1,0 +1,292 @@
+"""Foundation-model ViTs (DINOv2, DINOv3, C-RADIOv3) built from timm's own model definitions.
+
+Every model is built at a fixed ``img_size`` with ``dynamic_img_size=False``:
+
+* DINOv2 resizes its position embedding with antialiased bicubic interpolation when the size is
+  dynamic; that op does not export to ONNX. At a fixed size the embedding is resampled once, in
+  Python, when weights are loaded.
+* DINOv3's RoPE tables are then computed once and cached, so the exported graph has no ``If``
+  nodes (TensorRT rejects them).
+
+Features come from ``forward_intermediates`` (never ``forward``: timm's DINOv3 ``forward`` fails in
+the legacy ONNX exporter). Patch tokens of each requested block go through the model's final norm
+(the FoundAD / AVA-DINO convention) and are reshaped to (B, C, H / p, W / p).
+
+DINOv3 uses timm's ``vit_*_patch16_dinov3`` and never the ``_qkvb`` variants: those add the q / v
+biases with ``F.linear(x, qkv.weight, bias)``, which bypasses the ``qkv`` module and therefore any
+LoRA wrapper placed on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ._args import ImgSize, reject_overrides, resolve_img_size, resolve_layers
+from .base import Backbone, BackboneInfo
+from .registry import register_backbone
+from .weights import (
+    IncompatibleWeightsError,
+    StateDict,
+    WeightsPath,
+    find_in_hf_cache,
+    load_state_dict_strict,
+    read_state_dict,
+    strip_prefix,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+FilterFn = Callable[[StateDict, nn.Module], StateDict]
+
+# Constructor arguments the backbone sets itself; overriding them would break export or loading.
+_RESERVED_OVERRIDES = {
+    "img_size": "pass img_size= to build_backbone",
+    "dynamic_img_size": "backbones are built at a fixed size so they export to ONNX / TensorRT",
+    "dynamic_img_pad": "inputs must be a multiple of the patch size, padding would shift features",
+    "pretrained": "pass pretrained= to build_backbone",
+    "num_classes": "the backbone has no classifier head",
+    "features_only": "features come from forward_intermediates",
+}
+
+
+def _dinov2_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """Official facebookresearch/dinov2 or timm layout -> timm, pos embed resampled to the grid."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(state_dict, model)
+
+
+def _dinov3_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """Official facebookresearch/dinov3 or timm layout -> timm Eva keys.
+
+    The official ViT-S/B/L checkpoints carry a ``qkv.bias`` that is all zeros; the non-``_qkvb``
+    model has no bias, so it is dropped, but only after checking it really is zero: dropping a
+    non-zero bias would be a silently partial load.
+    """
+    from timm.models.eva import checkpoint_filter_fn
+
+    if "storage_tokens" in state_dict:  # official layout
+        has_bias = any(getattr(blk.attn, "q_bias", None) is not None for blk in model.blocks)
+        if not has_bias:
+            state_dict = dict(state_dict)
+            for key in [k for k in state_dict if k.endswith("attn.qkv.bias")]:
+                bias = state_dict.pop(key)
+                if bias.abs().max().item() != 0.0:
+                    raise IncompatibleWeightsError(
+                        f"{key} is non-zero ({bias.abs().max().item():.3g}) but this DINOv3 model has no "
+                        "qkv bias; the checkpoint needs timm's _qkvb architecture, which edge_ad does not "
+                        "use because its fused bias bypasses LoRA wrappers"
+                    )
+    return checkpoint_filter_fn(state_dict, model)
+
+
+def _radio_filter(state_dict: StateDict, model: nn.Module, align_corners: bool) -> StateDict:
+    """NVIDIA RADIO (``radio_model.model.*``) or timm layout -> timm ViT keys.
+
+    RADIO resamples its 128x128 position-embedding grid bilinearly without antialiasing; the
+    ``align_corners`` flag follows each release's hub code, as in timm's own factory.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(
+        state_dict, model, interpolation="bilinear", antialias=False, align_corners=align_corners
+    )
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """How to build one registered ViT from timm.
+
+    Attributes:
+        timm_name: timm architecture (``pretrained=True`` uses its default pretrained tag).
+        patch_size: the architecture's patch size in pixels (a ``patch_size`` override wins).
+        mean, std: RGB normalisation of the published weights, for pixels in 0..1.
+        filter_fn: converts a checkpoint (official or timm layout) to this timm model's keys.
+        global_token: one line saying what ``forward`` returns as the global token.
+    """
+
+    timm_name: str
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    filter_fn: FilterFn
+    global_token: str = "CLS token of the deepest requested block after the final norm"
+    hub_filenames: tuple[str, ...] = field(default=("model.safetensors", "pytorch_model.bin"))
+
+
+class TimmViTBackbone(Backbone):
+    """A timm ViT returning normed patch-token maps of chosen blocks and a global token.
+
+    ``forward(images)`` with images (B, 3, H, W) normalised by ``info.mean`` / ``info.std`` returns:
+
+    * features: one (B, C, H / p, W / p) map per block in ``info.layers`` (ascending), patch tokens
+      after the final norm (prefix tokens removed);
+    * global_token: (B, C) prefix token 0 (CLS) of the deepest requested block after the final
+      norm, i.e. the model's CLS output when the last block is requested. Blocks after the deepest
+      requested one are not run (nor exported).
+
+    Attributes:
+        model: the timm module (``VisionTransformer`` / ``Eva``); its ``state_dict()`` is the timm
+            key layout that ``weights=`` accepts. LoRA targets live under it.
+        spec: how the model was built.
+    """
+
+    def __init__(self, model: nn.Module, info: BackboneInfo, spec: ViTSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.info = info
+        self.spec = spec
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        self.check_images(images, self.model.patch_embed.proj.weight.dtype)
+        outputs = self.model.forward_intermediates(
+            images,
+            indices=list(self.info.layers),
+            return_prefix_tokens=True,
+            norm=True,
+            stop_early=True,
+            output_fmt="NCHW",
+            intermediates_only=True,
+        )
+        # outputs: per block (patch map (B, C, h, w), prefix tokens (B, num_prefix, C)).
+        features = [patch_map for patch_map, _ in outputs]
+        global_token = outputs[-1][1][:, 0]
+        return features, global_token
+
+
+def build_timm_vit(
+    name: str,
+    spec: ViTSpec,
+    *,
+    weights: WeightsPath | None = None,
+    layers: Sequence[int] | None = None,
+    img_size: ImgSize | None = None,
+    pretrained: bool = False,
+    **model_overrides: Any,
+) -> TimmViTBackbone:
+    """Build ``spec`` at a fixed size and load ``weights`` / local pretrained weights strictly.
+
+    Args:
+        name: registry name, for ``info`` and messages.
+        spec: timm architecture, normalisation and checkpoint filter.
+        weights: local checkpoint, official or timm layout (a saved ``TimmViTBackbone`` with
+            ``model.`` prefixed keys works too).
+        layers: 0-based block indices (negative counts from the end); default the last block.
+        img_size: int or (H, W) in pixels, multiples of the patch size; default 224.
+        pretrained: load timm's published weights from the local Hugging Face cache only.
+        **model_overrides: timm constructor arguments (``depth``, ``embed_dim``, ``num_heads``,
+            ``init_values``, ...).
+    """
+    import timm
+
+    reject_overrides(model_overrides, _RESERVED_OVERRIDES, name)
+    patch_size = int(model_overrides.get("patch_size", spec.patch_size))
+    size = resolve_img_size(img_size, patch_size, name)
+    source: str | None = None
+    if pretrained:  # resolved before building: a missing file fails fast, not after a ViT-L init
+        hub_id = timm.models.get_pretrained_cfg(spec.timm_name).hf_hub_id
+        weights = find_in_hf_cache(hub_id, spec.hub_filenames, backbone=name)
+        source = f"{weights} (Hugging Face cache of {hub_id})"
+    state_dict: StateDict | None = None
+    if weights is not None:  # read before building: a bad file fails fast
+        source = source or str(Path(weights))
+        state_dict = strip_prefix(read_state_dict(weights), "model.")
+    model = timm.create_model(
+        spec.timm_name,
+        pretrained=False,  # never let timm download; weights are resolved locally below
+        img_size=size,
+        dynamic_img_size=False,
+        num_classes=0,
+        **model_overrides,
+    )
+    if tuple(model.patch_embed.patch_size) != (patch_size, patch_size):  # pragma: no cover - guard
+        raise ValueError(
+            f"{name}: expected square {patch_size} px patches, got {model.patch_embed.patch_size}"
+        )
+
+    if state_dict is not None:
+        try:
+            state_dict = spec.filter_fn(state_dict, model)
+        except IncompatibleWeightsError as exc:
+            raise IncompatibleWeightsError(f"weights {source} for backbone {name!r}: {exc}") from None
+        except (KeyError, RuntimeError, ValueError, IndexError) as exc:
+            raise IncompatibleWeightsError(
+                f"weights {source} cannot be converted for backbone {name!r} ({spec.timm_name}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        load_state_dict_strict(model, state_dict, source=source, backbone=name)
+
+    depth = len(model.blocks)
+    chosen = resolve_layers(layers, depth, (depth - 1,), name, "block")
+    dim = int(model.embed_dim)
+    info = BackboneInfo(
+        name=name,
+        patch_size=patch_size,
+        img_size=size,
+        layers=chosen,
+        feature_dims=(dim,) * len(chosen),
+        global_dim=dim,
+        mean=spec.mean,
+        std=spec.std,
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        feature_strides=(patch_size,) * len(chosen),
+    )
+    return TimmViTBackbone(model, info, spec)
+
+
+# --- registered specs ------------------------------------------------------------------------
+# Prefix tokens (timm num_prefix_tokens): DINOv2 1 (CLS), DINOv2-reg 5 (CLS + 4 registers),
+# DINOv3 5 (CLS + 4 storage tokens), C-RADIOv3 8 (see _RADIO_GLOBAL).
+
+_RADIO_GLOBAL = (
+    "prefix token 0: the first of RADIO's per-teacher CLS tokens, which timm keeps as cls_token "
+    "(the other CLS tokens and the registers become timm's 7 reg_tokens). RADIO's own 'summary' "
+    "concatenates the CLS tokens of chosen teachers (summary_idxs, dropped by timm's conversion) "
+    "and is not reproduced. C-RADIOv3 has no final norm (timm final_norm=False), so features and "
+    "global token are raw block outputs"
+)
+
+_IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
+_SPECS: dict[str, ViTSpec] = {
+    "dinov2_vits14": ViTSpec("vit_small_patch14_dinov2", 14, *_IMAGENET, _dinov2_filter),
+    "dinov2_vitb14": ViTSpec("vit_base_patch14_dinov2", 14, *_IMAGENET, _dinov2_filter),
+    "dinov2_vitl14": ViTSpec("vit_large_patch14_dinov2", 14, *_IMAGENET, _dinov2_filter),
+    "dinov2_vits14_reg": ViTSpec("vit_small_patch14_reg4_dinov2", 14, *_IMAGENET, _dinov2_filter),
+    "dinov2_vitb14_reg": ViTSpec("vit_base_patch14_reg4_dinov2", 14, *_IMAGENET, _dinov2_filter),
+    "dinov2_vitl14_reg": ViTSpec("vit_large_patch14_reg4_dinov2", 14, *_IMAGENET, _dinov2_filter),
+    "dinov3_vits16": ViTSpec("vit_small_patch16_dinov3", 16, *_IMAGENET, _dinov3_filter),
+    "dinov3_vitb16": ViTSpec("vit_base_patch16_dinov3", 16, *_IMAGENET, _dinov3_filter),
+    "dinov3_vitl16": ViTSpec("vit_large_patch16_dinov3", 16, *_IMAGENET, _dinov3_filter),
+    # align_corners per release, as timm's factory: C-RADIOv3-B was released with True, -L with False.
+    "radio_v3_b16": ViTSpec(
+        "vit_base_patch16_radio_v3", 16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+        partial(_radio_filter, align_corners=True), global_token=_RADIO_GLOBAL,
+    ),
+    "radio_v3_l16": ViTSpec(
+        "vit_large_patch16_radio_v3", 16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+        partial(_radio_filter, align_corners=False), global_token=_RADIO_GLOBAL,
+    ),
+}
+
+
+def _register(name: str) -> None:
+    spec = _SPECS[name]
+
+    def factory(**kwargs: Any) -> TimmViTBackbone:
+        return build_timm_vit(name, spec, **kwargs)
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name}: timm {spec.timm_name}; global token: {spec.global_token}."
+    register_backbone(name)(factory)
+
+
+for _name in _SPECS:
+    _register(_name)

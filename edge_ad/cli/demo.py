@@ -1,0 +1,25 @@
+"""``edge-ad demo``: the end-to-end demo (few-shot FoundAD + knn, real images, report folder)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="dataset root (default: ../shared/data/real, else a generated sample)")
+    parser.add_argument("--out", default="demo_out", help="report folder (default: demo_out)")
+    parser.add_argument("--categories", nargs="+", default=None, help="category folders inside --data")
+    parser.add_argument("--methods", nargs="+", default=["foundad", "knn"])
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--shots", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=150, help="FoundAD optimiser steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_ad.demo import demo
+
+    demo(args.data, args.out, categories=args.categories, methods=tuple(args.methods), backbone=args.backbone,
+         image_size=args.image_size, shots=args.shots, steps=args.steps, seed=args.seed, device=args.device)
+    return 0

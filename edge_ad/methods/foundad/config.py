@@ -1,0 +1,76 @@
+"""FoundAD configuration (defaults = the paper's reference setting)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..base import BackboneSpec, MethodConfig
+
+__all__ = ["FoundADConfig"]
+
+
+@dataclass
+class FoundADConfig(MethodConfig):
+    """FoundAD: a small transformer (the "manifold projector") learns to map features of a frozen
+    foundation encoder back onto the manifold of good features; the residual is the anomaly.
+
+    Reference setting: DINOv3 ViT-B/16 at 512 x 512, patch tokens of block 9 (third from last)
+    through the final norm; projector 384 wide, 6 blocks, 12 heads; AdamW lr 1e-3, weight decay
+    1e-4, constant lr, batch 8; CutPaste context images half of the time; top-10 image score.
+
+    Attributes:
+        backbone: frozen encoder (any registry backbone; several CNN layers are fused on the
+            finest grid).
+        resize, smoothing_sigma: see :class:`MethodConfig` (smoothing in input pixels; 0 = off).
+        projector_dim: projector width D (tokens are mapped C -> D -> C).
+        projector_depth: number of pre-norm transformer blocks.
+        projector_heads: attention heads; must divide ``projector_dim``.
+        projector_mlp_ratio: MLP hidden width / D.
+        feature_dropout: dropout on the projector's input features during training only.
+        top_k: image score = mean of the ``top_k`` largest patch scores (clamped to the patch count
+            when the detector is built).
+        lr, weight_decay, batch_size, steps: the optimisation the method is meant to be trained
+            with; a training loop reads them as defaults (the run's actual values are recorded in
+            the checkpoint's ``training`` section).
+        synthetic_prob: probability that a training sample's context image is a CutPaste
+            synthetic anomaly instead of the clean image (the target is always the clean image).
+    """
+
+    backbone: BackboneSpec = field(
+        default_factory=lambda: BackboneSpec("dinov3_vitb16", layers=(9,), img_size=(512, 512))
+    )
+    projector_dim: int = 384
+    projector_depth: int = 6
+    projector_heads: int = 12
+    projector_mlp_ratio: float = 4.0
+    feature_dropout: float = 0.2
+    top_k: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    steps: int = 2000
+    synthetic_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("projector_dim", "projector_depth", "projector_heads", "top_k", "batch_size", "steps"):
+            value = getattr(self, name)
+            if int(value) != value or int(value) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            setattr(self, name, int(value))
+        if self.projector_dim % self.projector_heads:
+            raise ValueError(
+                f"projector_heads ({self.projector_heads}) must divide projector_dim ({self.projector_dim})"
+            )
+        if not self.projector_mlp_ratio > 0:
+            raise ValueError(f"projector_mlp_ratio must be positive, got {self.projector_mlp_ratio}")
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
+        if not 0.0 <= self.synthetic_prob <= 1.0:
+            raise ValueError(f"synthetic_prob must be in [0, 1], got {self.synthetic_prob}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        self.projector_mlp_ratio = float(self.projector_mlp_ratio)
+        self.feature_dropout = float(self.feature_dropout)
+        self.synthetic_prob = float(self.synthetic_prob)
+        self.lr = float(self.lr)
+        self.weight_decay = float(self.weight_decay)

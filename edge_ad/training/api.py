@@ -1,0 +1,183 @@
+"""``edge_ad.train``: fit a detector on the good images of one category (few-shot or full-shot).
+
+The CLI verb ``edge-ad train`` is a thin wrapper over :func:`train`; both take the same arguments.
+Under ``torchrun --nproc_per_node N`` the same call trains with DDP (rank 0 writes the run).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_ad.methods import AnomalyDetector, BackboneSpec, build_detector, get_method, save_checkpoint
+from edge_ad.methods.checkpoint import CONFIG_FILE, MODEL_FILE
+from edge_ad.runtime.preprocess import preprocess_batch
+
+from .device import resolve_device
+from .distributed import DistContext, barrier, init_distributed, shutdown_distributed
+from .loop import TRAIN_STATE_FILE, FitConfig, fit, step_seed
+
+TRAIN_LOG_FILE = "train_log.json"
+
+
+def _load_good_images(data: str | Path, category: str, shots: int | None, seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """The uint8 RGB training images of ``data/category/train/good`` (k of them when ``shots``)."""
+    from edge_ad.data import MVTecDataset, sample_k_shot
+
+    dataset = MVTecDataset(data, category, split="train")
+    indices = sample_k_shot(len(dataset), shots, seed) if shots else list(range(len(dataset)))
+    samples = [dataset[i] for i in indices]
+    return [s.image for s in samples], [str(s.path) for s in samples]
+
+
+def _fit_gradient(
+    detector: AnomalyDetector,
+    images: list[np.ndarray],
+    out: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    resume: bool,
+    amp: bool,
+    dist_ctx: DistContext,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train a ``fit_mode == "gradient"`` method (FoundAD) with the generic loop."""
+    from edge_ad.methods.foundad.loss import build_training_batch, loss_fn
+    from edge_ad.synth import CutPaste
+    from edge_ad.synth.foreground import foreground_mask
+
+    cfg = detector.config
+    spec = detector.preprocess_spec
+    cutpaste = CutPaste()
+    # Per image, computed once: the foreground mask CutPaste pastes into, and the clean target
+    # tokens (the encoder is frozen, so f(clean) never changes: caching it halves encoder work).
+    foregrounds = [foreground_mask(img) for img in images]
+    with torch.no_grad():
+        clean_all = torch.from_numpy(preprocess_batch(images, spec, color_order="rgb")).to(device)
+        clean_tokens = torch.cat([detector.features(clean_all[i : i + 8]) for i in range(0, len(images), 8)])
+
+    def make_batch(step: int, rank: int):
+        rng = np.random.default_rng(step_seed(seed, step, rank))
+        pick = rng.integers(0, len(images), size=batch_size)
+        batch = build_training_batch([images[i] for i in pick], spec, rng, synthetic_prob=cfg.synthetic_prob,
+                                     cutpaste=cutpaste, foregrounds=[foregrounds[i] for i in pick])
+        target = clean_tokens[torch.from_numpy(pick).to(device)]
+        synthetic = batch.synthetic.to(device)
+        context = target.clone()
+        if bool(synthetic.any()):
+            with torch.no_grad():
+                context[synthetic] = detector.features(batch.context.to(device)[synthetic])
+        return target, context
+
+    fit_cfg = FitConfig(steps=steps, lr=lr, weight_decay=cfg.weight_decay, seed=seed, amp=amp,
+                        checkpoint_every=max(10, steps // 5))
+    result = fit(detector, make_batch, loss_fn, fit_cfg, out, device=device, resume=resume, dist_ctx=dist_ctx,
+                 progress=progress, description=f"train {detector.method}")
+    return {"fit": result.to_dict(), "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": cfg.weight_decay,
+                                                   "batch_size": batch_size, "steps": steps}}
+
+
+def train(
+    method: str,
+    backbone: str,
+    data: str | Path,
+    category: str,
+    out: str | Path,
+    *,
+    shots: int | None = 8,
+    weights: str | Path | None = None,
+    pretrained: bool = True,
+    image_size: int | tuple[int, int] | None = None,
+    layers: tuple[int, ...] | list[int] | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    resume: bool = False,
+    amp: bool = True,
+    progress: bool = True,
+    backbone_overrides: dict[str, Any] | None = None,
+    method_options: dict[str, Any] | None = None,
+) -> Path:
+    """Train (or fit) a detector on the good training images of ``data/category`` and save the run.
+
+    Args:
+        method: registry name (``"foundad"``, ``"knn"``; see ``edge_ad.methods.list_methods()``).
+        backbone: backbone registry name (``"efficientnet_lite0"``, ``"dinov3_vitb16"``, ...).
+        data: dataset root (MVTec layout); ``category`` is a folder in it.
+        out: run directory to write (``model.safetensors``, ``config.yaml``, ``train_log.json``).
+        shots: number of good images to use (k-shot, sampled with ``seed``); None = all of them.
+        weights: local backbone weights file (``.safetensors`` / ``.pth``); overrides ``pretrained``.
+        pretrained: load the backbone's default weights offline (hub cache / bundled package);
+            False = random init (only useful for tests).
+        image_size: input size in pixels (int or (H, W)); None = the method / backbone default.
+        layers: backbone layers to use; None = the method's default.
+        steps, batch_size, lr: optimisation overrides for gradient-trained methods (defaults from
+            the method config).
+        seed: seeds shot sampling, synthesis and initialisation.
+        device: ``"auto" | "cpu" | "cuda" | "cuda:N"``.
+        resume: continue an interrupted run from ``out/train_state.pt``.
+        amp: mixed precision on CUDA.
+        backbone_overrides: extra backbone constructor arguments (tiny test models).
+        method_options: extra method config fields (e.g. ``{"top_k": 5}``).
+
+    Returns:
+        The run directory.
+    """
+    out = Path(out)
+    entry = get_method(method)
+    options = dict(method_options or {})
+    spec_fields: dict[str, Any] = {"name": backbone, "pretrained": bool(pretrained and weights is None),
+                                   "weights": str(weights) if weights is not None else None,
+                                   "overrides": dict(backbone_overrides or {})}
+    default_spec = entry.config_class().backbone
+    same_family = default_spec.name == backbone
+    spec_fields["layers"] = tuple(layers) if layers is not None else (default_spec.layers if same_family else None)
+    spec_fields["img_size"] = image_size if image_size is not None else (default_spec.img_size if same_family else None)
+    if resume and not (out / TRAIN_STATE_FILE).is_file() and entry.fit_mode == "gradient":
+        raise FileNotFoundError(f"cannot resume: {out / TRAIN_STATE_FILE} not found; run without --resume first")
+    if not resume and (out / MODEL_FILE).exists():
+        raise FileExistsError(f"{out} already holds a trained run ({MODEL_FILE}); choose another --out or pass --resume")
+
+    torch.manual_seed(seed)
+    dev = resolve_device(device)
+    dist_ctx = init_distributed(dev)
+    try:
+        detector = build_detector(method, backbone=BackboneSpec(**spec_fields), **options).to(dev)
+        cfg = detector.config
+        images, image_paths = _load_good_images(data, category, shots, seed)
+        t0 = time.perf_counter()
+        training: dict[str, Any] = {"data": str(data), "category": category, "shots": shots, "seed": seed,
+                                    "images": image_paths, "device": str(dev), "world_size": dist_ctx.world_size}
+        if entry.fit_mode == "gradient":
+            training.update(_fit_gradient(
+                detector, images, out, steps=steps or cfg.steps, batch_size=batch_size or cfg.batch_size,
+                lr=lr or cfg.lr, seed=seed, device=dev, resume=resume, amp=amp, dist_ctx=dist_ctx,
+                progress=progress))
+        elif entry.fit_mode == "memory":
+            good = torch.from_numpy(preprocess_batch(images, detector.preprocess_spec, color_order="rgb"))
+            detector.fit(good.split(8), progress=progress)
+        # Normalisation statistics come from the good images the run saw: few-shot has no others.
+        # Threshold calibration on held-out good images is a separate, later step.
+        good = torch.from_numpy(preprocess_batch(images, detector.preprocess_spec, color_order="rgb"))
+        training["normalization"] = detector.fit_normalization(good.split(8))
+        training["seconds"] = round(time.perf_counter() - t0, 2)
+        if dist_ctx.is_main:
+            save_checkpoint(detector, out, training=training)
+            (out / TRAIN_LOG_FILE).write_text(json.dumps(training, indent=2))
+        barrier(dist_ctx)
+    finally:
+        shutdown_distributed(dist_ctx)
+    return out
+
+
+__all__ = ["train", "TRAIN_LOG_FILE", "CONFIG_FILE", "MODEL_FILE"]

@@ -1,0 +1,236 @@
+"""One generic fit loop: progress bar, seeded and step-addressable batches, checkpoint + resume,
+mixed precision on GPU, DDP under torchrun.
+
+Methods plug in two callables instead of subclassing a trainer:
+
+* ``make_batch(step, rank) -> batch``: builds the batch for a global step deterministically (its
+  randomness is seeded from ``(seed, step, rank)``), so resuming needs no data-loader state and
+  a resumed run reproduces an uninterrupted one exactly.
+* ``loss_fn(model, batch) -> scalar tensor``: the method's loss (which lives beside the method).
+
+Only parameters with ``requires_grad`` are optimised and checkpointed here: frozen backbones stay
+out of optimiser state and out of ``train_state.pt``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import DistContext, all_reduce_mean, barrier
+
+TRAIN_STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class FitConfig:
+    """Optimisation settings (units: steps, not epochs: few-shot sets are tiny).
+
+    Attributes:
+        steps: optimiser steps in total.
+        lr, weight_decay: AdamW settings.
+        warmup_steps: linear warm-up, then cosine decay to ``min_lr_ratio * lr`` (0 disables decay).
+        grad_clip: max global grad norm (0 disables).
+        seed: base seed; batch ``s`` on rank ``r`` is seeded from ``(seed, s, r)``.
+        amp: mixed precision on CUDA (bf16 when supported, else fp16 with a grad scaler); ignored on CPU.
+        checkpoint_every: steps between ``train_state.pt`` writes (always written at the end).
+    """
+
+    steps: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0
+    grad_clip: float = 0.0
+    seed: int = 0
+    amp: bool = True
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class FitResult:
+    """What a fit produced: the loss curve (mean over ranks, every ``log_every`` steps) and timing."""
+
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    start_step: int = 0
+    end_step: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A 63-bit seed for one (step, rank): stable across runs and platforms."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _lr_factor(step: int, cfg: FitConfig) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.min_lr_ratio >= 1.0:
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no trainable parameters (did you freeze everything?)")
+    return params
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def fit(
+    model: nn.Module,
+    make_batch: Callable[[int, int], Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    cfg: FitConfig,
+    run_dir: str | Path,
+    *,
+    device: torch.device,
+    resume: bool = False,
+    dist_ctx: DistContext | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> FitResult:
+    """Optimise ``model``'s trainable parameters.
+
+    Args:
+        model: module already on ``device``; frozen parts must have ``requires_grad=False``.
+        make_batch: ``(step, rank) -> batch`` (on ``device``), deterministic in its arguments.
+        loss_fn: ``(model_or_ddp_wrapper, batch) -> loss`` scalar.
+        cfg: optimisation settings.
+        run_dir: where ``train_state.pt`` is written (rank 0 only).
+        resume: continue from ``run_dir/train_state.pt`` (error if absent).
+        dist_ctx: from :func:`edge_ad.training.distributed.init_distributed`; DDP when world_size > 1.
+
+    Returns:
+        :class:`FitResult` with the logged loss curve.
+    """
+    dist_ctx = dist_ctx or DistContext()
+    run_dir = Path(run_dir)
+    state_path = run_dir / TRAIN_STATE_FILE
+    params = _trainable(model)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    autocast, scaler = _autocast(device, cfg.amp)
+
+    start_step = 0
+    result = FitResult()
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"cannot resume: {state_path} does not exist (train without --resume first)")
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        missing = set(params) - set(state["params"])
+        if missing:
+            raise ValueError(f"{state_path} does not match this model: missing {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state["params"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_step = int(state["step"])
+        result.losses = [tuple(x) for x in state.get("losses", [])]
+        if start_step >= cfg.steps:
+            result.start_step = result.end_step = start_step
+            return result
+
+    train_model: nn.Module = model
+    if dist_ctx.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
+        )
+
+    def save(step: int) -> None:
+        if not dist_ctx.is_main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "step": step,
+                "params": {n: p.detach().cpu() for n, p in params.items()},
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "losses": result.losses,
+                "config": asdict(cfg),
+            },
+            tmp,
+        )
+        tmp.replace(state_path)  # atomic: an interrupted write never corrupts the last good state
+
+    bar = None
+    if progress and dist_ctx.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=description, unit="step", dynamic_ncols=True)
+    model.train()
+    t0 = time.perf_counter()
+    running = 0.0
+    for step in range(start_step, cfg.steps):
+        torch.manual_seed(step_seed(cfg.seed, step, dist_ctx.rank))  # dropout etc. reproducible on resume
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg)
+        batch = make_batch(step, dist_ctx.rank)
+        with autocast:
+            loss = loss_fn(train_model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        running += float(all_reduce_mean(loss.detach().float(), dist_ctx))
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            n = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
+            result.losses.append((done, running / n))
+            running = 0.0
+            if bar is not None:
+                bar.set_postfix(loss=f"{result.losses[-1][1]:.4g}")
+        if bar is not None:
+            bar.update(1)
+        if done % cfg.checkpoint_every == 0 and done != cfg.steps:
+            save(done)
+    save(cfg.steps)
+    barrier(dist_ctx)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    result.start_step, result.end_step = start_step, cfg.steps
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,83 @@
+"""The runtime and the device-side CLI verbs must work on a machine without torch (Jetson images)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+# Installed before anything else in the child interpreter: any attempt to import torch (or a
+# torch-only library) fails loudly, exactly as on a machine where torch is not installed.
+_BLOCK_TORCH = textwrap.dedent(
+    """
+    import sys, importlib.abc
+
+    class _BlockTorch(importlib.abc.MetaPathFinder):
+        BLOCKED = ("torch", "torchvision", "timm", "peft")
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in self.BLOCKED:
+                raise ImportError(f"blocked for this test: {name}")
+            return None
+
+    sys.meta_path.insert(0, _BlockTorch())
+    """
+)
+
+
+def _run_without_torch(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCK_TORCH + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_blocker_really_blocks_torch():
+    # Guards the guard: if the blocker silently stopped working, the tests below would prove nothing.
+    proc = _run_without_torch("import torch")
+    assert proc.returncode != 0
+    assert "blocked for this test: torch" in proc.stderr
+
+
+def test_runtime_imports_without_torch():
+    proc = _run_without_torch(
+        """
+        import numpy as np
+        import edge_ad
+        import edge_ad.runtime as rt
+        from edge_ad.runtime.preprocess import preprocess, extension_available
+        spec = rt.PreprocessSpec(32, 48)
+        out = preprocess(np.zeros((60, 80, 3), np.uint8), spec)
+        assert out.shape == (1, 3, 32, 48), out.shape
+        assert "torch" not in sys.modules
+        print("ok", extension_available())
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok")
+
+
+def test_device_cli_verbs_run_without_torch():
+    proc = _run_without_torch(
+        """
+        from edge_ad.cli.main import main
+        assert main(["info"]) == 0
+        try:
+            main(["--help"])
+        except SystemExit as exc:
+            assert exc.code == 0
+        assert "torch" not in sys.modules
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "C++ preprocess" in proc.stdout
+    assert "edge-ad" in proc.stdout
+
+
+def test_cli_entry_point_version():
+    proc = subprocess.run([sys.executable, "-m", "edge_ad", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    import edge_ad
+
+    assert proc.stdout.strip() == f"edge-ad {edge_ad.__version__}"
