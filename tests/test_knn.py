@@ -110,6 +110,11 @@ def test_fit_builds_coreset_bank_and_updates_config() -> None:
     assert torch.equal(det2.memory_bank, det.memory_bank)
     det3 = build_detector("knn", backbone=make_backbone("vit"), coreset_ratio=0.25, max_bank_size=10).fit(images)
     assert det3.bank_size == 10
+    # Batches of precomputed patch features give the same bank as the images.
+    with torch.no_grad():
+        feats = [det.patch_features(images[:3]), det.patch_features(images[3:])]  # B = 3: not an image
+    det4 = build_detector("knn", backbone=make_backbone("vit"), coreset_ratio=0.25).fit(feats)
+    torch.testing.assert_close(det4.memory_bank, det.memory_bank)
 
 
 def test_ratio_one_keeps_every_feature() -> None:

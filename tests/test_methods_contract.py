@@ -172,6 +172,10 @@ def test_onnx_export_matches_torch(method: str, kind: str) -> None:
     det = make_detector(method, kind)
     trace_input = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
     data, exporter = export_onnx(det, trace_input)
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load_from_string(data).graph
+    control_flow = {n.op_type for n in graph.node} & {"If", "Loop", "Scan"}
+    assert not control_flow, f"data-dependent control flow exported: {control_flow}"
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == ["anomaly_map", "score"]
     # Fresh data, not the tracing input: a data-dependent branch frozen at trace time would show.
@@ -182,6 +186,30 @@ def test_onnx_export_matches_torch(method: str, kind: str) -> None:
             ref = det(x)
         np.testing.assert_allclose(amap, ref.anomaly_map.numpy(), rtol=1e-4, atol=1e-4, err_msg=exporter)
         np.testing.assert_allclose(score, ref.score.numpy(), rtol=1e-4, atol=1e-4, err_msg=exporter)
+
+
+@pytest.mark.parametrize("method", ["foundad", "knn"])
+def test_onnx_export_with_dynamic_batch(method: str) -> None:
+    """Reshapes use -1 for the batch axis, so a graph exported at batch 1 serves any batch size."""
+    ort = pytest.importorskip("onnxruntime")
+    det = make_detector(method, "vit")
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(det, (det.example_input(1),), buf, dynamo=False, opset_version=17,
+                              input_names=["images"], output_names=["anomaly_map", "score"],
+                              dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}})
+        except (TypeError, RuntimeError, AttributeError):  # pragma: no cover - TorchScript exporter removed
+            pytest.skip("the TorchScript ONNX exporter is not available in this torch")
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, IMG, IMG)
+    amap, score = sess.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        ref = det(x)
+    assert amap.shape == (3, 1, IMG, IMG) and score.shape == (3,)
+    np.testing.assert_allclose(amap, ref.anomaly_map.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(score, ref.score.numpy(), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- bad inputs

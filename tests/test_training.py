@@ -102,11 +102,17 @@ def test_ddp_under_torchrun_with_two_cpu_processes(real_root, tmp_path):
     assert torch.isfinite(detector(x).score).all()
 
 
-def test_cli_errors_are_clear(real_root, tmp_path):
+def test_cli_errors_are_clear(real_root, tmp_path, capsys):
     from edge_ad.cli.main import main
 
     assert main(["train", "--method", "foundad", "--backbone", "efficientnet_lite0", "--data", str(real_root),
                  "--category", "no_such_category", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_category" in err and "mvtec_hazelnut_256" in err  # names the categories that exist
     assert main(["train", "--method", "nope", "--backbone", "efficientnet_lite0", "--data", str(real_root),
                  "--category", CATEGORY, "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "foundad" in err  # lists the registered methods
     assert main(["evaluate", str(tmp_path / "missing_run"), "--data", str(real_root), "--category", CATEGORY]) == 2
+    assert "missing_run" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing half-written

@@ -205,14 +205,21 @@ def _safe_scale(std: torch.Tensor, loc: torch.Tensor) -> float:
     return max(float(std), floor)
 
 
-def iterate_image_batches(images: torch.Tensor | Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+def iterate_image_batches(
+    images: torch.Tensor | Iterable[torch.Tensor], feature_dim: int | None = None
+) -> Iterable[torch.Tensor]:
     """Yield (B, 3, H, W) batches from a tensor (split in chunks of 16) or an iterable of tensors.
 
     Iterables may also yield ``(images, ...)`` tuples / lists (a DataLoader of pairs): the first
-    element is taken.
+    element is taken. A single (3, H, W) image becomes a batch of one, except that 3-D tensors whose
+    last axis is ``feature_dim`` are (B, N, C) feature batches and pass through unchanged.
     """
+
+    def single_image(t: torch.Tensor) -> bool:
+        return t.ndim == 3 and t.shape[0] == 3 and (feature_dim is None or t.shape[-1] != feature_dim)
+
     if isinstance(images, torch.Tensor):
-        if images.ndim == 3:
+        if single_image(images):
             images = images.unsqueeze(0)
         yield from images.split(16)
         return
@@ -221,5 +228,4 @@ def iterate_image_batches(images: torch.Tensor | Iterable[torch.Tensor]) -> Iter
             batch = batch[0]
         if not isinstance(batch, torch.Tensor):
             raise TypeError(f"expected image batches as torch tensors (B, 3, H, W), got {type(batch).__name__}")
-        yield batch.unsqueeze(0) if batch.ndim == 3 else batch
-
+        yield batch.unsqueeze(0) if single_image(batch) else batch

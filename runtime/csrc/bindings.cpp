@@ -108,7 +108,7 @@ void f32_to_f16(nb::ndarray<const float, nb::device::cpu, nb::c_contig> in,
 NB_MODULE(_preprocess, m) {
   m.doc() = "edge_ad native preprocessing (use edge_ad.runtime.preprocess, which validates inputs)";
   m.attr("API_VERSION") = 1;
-  m.def("preprocess_into", &preprocess_into, "frames"_a, "out"_a.noconvert(), "bgr"_a, "mode"_a, "mean"_a,
+  m.def("preprocess_into", &preprocess_into, "frames"_a.noconvert(), "out"_a.noconvert(), "bgr"_a, "mode"_a, "mean"_a,
         "std"_a, "num_threads"_a = 0, "order"_a = -1,
         "Resize + normalise uint8 frames into out (B, 3, H, W) float32/float16, RGB planes. "
         "Releases the GIL. Returns the number of threads used. order: -1 auto, 0 horizontal "

@@ -23,6 +23,12 @@
 #include <tuple>
 #include <utility>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
 namespace edge_ad {
 
 // ------------------------------------------------------------------------------------------------
@@ -131,7 +137,8 @@ std::shared_ptr<const AxisTaps> get_taps(int src, int dst, TapKind kind) {
 static inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
-uint16_t float_to_half(float f) {
+// Branch-free, so that loops over it vectorise.
+static inline uint16_t half_bits(float f) {
   const uint32_t bits = f2u(f);
   const uint32_t sign = (bits >> 16) & 0x8000u;
   const uint32_t mag = bits & 0x7fffffffu;
@@ -142,11 +149,17 @@ uint16_t float_to_half(float f) {
   // Subnormal half (|f| < 2^-14): adding 0.5f aligns the half's 10 mantissa bits with the bottom
   // of the float mantissa, and the FPU's own round-to-nearest-even does the rounding.
   const uint32_t sub = f2u(u2f(mag) + 0.5f) - 0x3f000000u;
-  const uint32_t special = mag > 0x7f800000u ? 0x7e00u : 0x7c00u;  // NaN -> qNaN, inf -> inf
-  uint32_t h = mag < 0x38800000u ? sub : normal;
-  h = mag >= 0x47800000u ? special : h;  // |f| >= 65536 (or inf / NaN)
+  // Selections as bit masks (no branches, no ?:) so the conversion loop vectorises.
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(mag < 0x38800000u);   // |f| < 2^-14
+  const uint32_t is_big = 0u - static_cast<uint32_t>(mag >= 0x47800000u);  // |f| >= 65536, inf, NaN
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(mag > 0x7f800000u);
+  const uint32_t special = 0x7c00u | (is_nan & 0x0200u);  // inf, or a quiet NaN
+  uint32_t h = (sub & is_sub) | (normal & ~is_sub);
+  h = (special & is_big) | (h & ~is_big);
   return static_cast<uint16_t>(h | sign);
 }
+
+uint16_t float_to_half(float f) { return half_bits(f); }
 
 // ------------------------------------------------------------------------------------------------
 // Kernels
@@ -186,31 +199,36 @@ inline f32x4 load4u8(const uint8_t* p) {
 // 4 floats per pixel in SOURCE channel order (lane 3 is padding / don't-care), so one pixel is one
 // 4-lane vector. The final write picks the lane of each RGB plane.
 
-// 3-channel uint8 source with packed pixels (col_stride 3, ch_stride 1) -> 4-lane row.
+// 3-channel uint8 source whose channels are adjacent bytes (ch_stride 1) and pixels `step` >= 3
+// bytes apart (3: packed BGR/RGB; 4: a [..., :3] view of BGRA; more: column-strided views).
 template <int KF>
-inline void hpass_u8_c3_packed(const uint8_t* row, const AxisTaps& t, float* out) {
+inline void hpass_u8_c3_adjacent(const uint8_t* row, int64_t step, const AxisTaps& t, float* out) {
   const int K = KF ? KF : t.k;
   const int n = t.dst;
   const int32_t* st = t.start.data();
 #if EDGE_AD_SIMD
   const float* W4 = t.w4.data();
-  // A 4-byte load of pixel i also reads the first byte of pixel i + 1: fine for outputs whose
-  // taps end before the last source pixel (x < safe_n); the rest copy 3 bytes first.
+  // A 4-byte load reads one byte past the pixel's 3 channels. For source pixels before the last
+  // one of the row that byte lies between this pixel and the next (step >= 3), so inside the
+  // frame's buffer: fine for outputs whose taps end before the last source pixel (x < safe_n).
+  // The others (the last few outputs) copy 3 bytes first. (The last pixel's 4th byte may be past
+  // the end of the buffer even with step >= 4, e.g. for a transposed view.)
   const int safe = std::min(n, t.safe_n);
   int x = 0;
   for (; x < safe; ++x) {
-    const uint8_t* px = row + 3 * static_cast<int64_t>(st[x]);
+    const uint8_t* px = row + step * st[x];
     const float* w = W4 + static_cast<size_t>(x) * K * 4;
     f32x4 acc = load4u8(px) * load4f(w);
-    for (int k = 1; k < K; ++k) acc += load4u8(px + 3 * k) * load4f(w + 4 * k);
+    for (int k = 1; k < K; ++k) acc += load4u8(px + step * k) * load4f(w + 4 * k);
     store4f(out + 4 * static_cast<size_t>(x), acc);
   }
   for (; x < n; ++x) {
-    const uint8_t* px = row + 3 * static_cast<int64_t>(st[x]);
+    const uint8_t* px = row + step * st[x];
     const float* w = W4 + static_cast<size_t>(x) * K * 4;
     f32x4 acc = {0.f, 0.f, 0.f, 0.f};
     for (int k = 0; k < K; ++k) {
-      uint8_t tmp[4] = {px[3 * k], px[3 * k + 1], px[3 * k + 2], 0};
+      const uint8_t* q = px + step * k;
+      const uint8_t tmp[4] = {q[0], q[1], q[2], 0};
       acc += load4u8(tmp) * load4f(w + 4 * k);
     }
     store4f(out + 4 * static_cast<size_t>(x), acc);
@@ -218,10 +236,10 @@ inline void hpass_u8_c3_packed(const uint8_t* row, const AxisTaps& t, float* out
 #else
   const float* W = t.w.data();
   for (int x = 0; x < n; ++x) {
-    const uint8_t* px = row + 3 * static_cast<int64_t>(st[x]);
+    const uint8_t* px = row + step * st[x];
     const float* w = W + static_cast<size_t>(x) * K;
     float a0 = 0.f, a1 = 0.f, a2 = 0.f;
-    for (int k = 0; k < K; ++k, px += 3) {
+    for (int k = 0; k < K; ++k, px += step) {
       a0 += w[k] * px[0];
       a1 += w[k] * px[1];
       a2 += w[k] * px[2];
@@ -317,8 +335,8 @@ inline void hpass_src_row(const uint8_t* row, const SrcImage& s, const AxisTaps&
 #define EDGE_AD_CALL(k) hpass_c1<uint8_t, k>(row, s.col_stride, t, out)
     EDGE_AD_DISPATCH_K(t.k, EDGE_AD_CALL)
 #undef EDGE_AD_CALL
-  } else if (s.col_stride == 3 && s.ch_stride == 1) {
-#define EDGE_AD_CALL(k) hpass_u8_c3_packed<k>(row, t, out)
+  } else if (s.col_stride >= 3 && s.ch_stride == 1) {
+#define EDGE_AD_CALL(k) hpass_u8_c3_adjacent<k>(row, s.col_stride, t, out)
     EDGE_AD_DISPATCH_K(t.k, EDGE_AD_CALL)
 #undef EDGE_AD_CALL
   } else {
@@ -372,42 +390,72 @@ inline void vblend_f_add(float* __restrict acc, const float* __restrict a, float
   for (int i = 0; i < n; ++i) acc[i] += w0 * a[i];
 }
 
-inline void store_plane_row(const float* __restrict v, float scale, float offset, void* out, size_t index,
-                            int n, bool half) {
+// out[i] = v[i * L + lane] * scale + offset, as float32 or binary16.
+template <int L>
+inline void store_plane_row(const float* __restrict v, int lane, float scale, float offset, void* out,
+                            size_t index, int n, bool half) {
+  v += lane;
   if (half) {
     uint16_t* __restrict o = static_cast<uint16_t*>(out) + index;
-    for (int i = 0; i < n; ++i) o[i] = float_to_half(v[i] * scale + offset);
+    float tmp[256];  // normalise, then convert: two simple loops that both vectorise
+    for (int i0 = 0; i0 < n; i0 += 256) {
+      const int m = std::min(256, n - i0);
+      for (int i = 0; i < m; ++i) tmp[i] = v[static_cast<size_t>(i0 + i) * L] * scale + offset;
+      for (int i = 0; i < m; ++i) o[i0 + i] = half_bits(tmp[i]);
+    }
   } else {
     float* __restrict o = static_cast<float*>(out) + index;
-    for (int i = 0; i < n; ++i) o[i] = v[i] * scale + offset;
+    for (int i = 0; i < n; ++i) o[i] = v[static_cast<size_t>(i) * L] * scale + offset;
   }
 }
 
 struct Prepared {
   const Job* job = nullptr;
   std::shared_ptr<const AxisTaps> ty, tx;
-  int planes = 3;       // 1 for grey sources (replicated to RGB at the write)
-  int cidx[3] = {0, 0, 0};      // source channel feeding plane p (R, G, B order)
-  int64_t coff[3] = {0, 0, 0};  // its byte offset inside a pixel (cidx * ch_stride)
-  int order = 0;        // 0 horizontal first, 1 vertical first
-  bool contiguous_row = false;  // pixels and channels of a row form one contiguous byte run
-  double cost = 0.0;    // rough work estimate (arbitrary units ~ scalar multiply-adds)
+  int lanes = 4;           // floats per pixel between passes: 1 (grey source) or 4 (3 channels)
+  int cidx[3] = {0, 0, 0}; // source channel (= lane) feeding output plane R, G, B
+  int order = 0;           // 0 horizontal first, 1 vertical first
+  bool contiguous_row = false;  // a source row's pixels and channels are one contiguous byte run
+  double cost = 0.0;       // rough work estimate (~instructions)
 };
 
 // Per-thread scratch, reused across chunks.
 struct Scratch {
-  std::vector<float> ring;     // horizontal-first: cached resampled rows, planes * out_w each
+  std::vector<float> ring;     // horizontal-first: cached resampled rows, lanes * out_w each
   std::vector<int> ring_row;   // source row held by each ring slot (-1: none)
-  std::vector<float> acc;      // planes * out_w (blended output row, before normalisation)
-  std::vector<float> srcrow;   // vertical-first: blended source row, width * channels
+  std::vector<float> acc;      // lanes * out_w: one output row before normalisation
+  std::vector<float> srcrow;   // vertical-first: blended source row, width * channels (+ pad)
 };
 
-void finish_row(const Prepared& pj, const OutParams& p, const float* acc, int y, Scratch&) {
+// Normalise one lane row and write it to the three output planes at row y.
+void finish_row(const Prepared& pj, const OutParams& p, const float* acc, int y) {
   const int W = p.width;
   const size_t plane = static_cast<size_t>(p.height) * W;
   for (int c = 0; c < 3; ++c) {
-    const float* v = acc + static_cast<size_t>(pj.planes == 1 ? 0 : c) * W;
-    store_plane_row(v, p.scale[c], p.offset[c], pj.job->out, c * plane + static_cast<size_t>(y) * W, W, p.half);
+    const size_t index = c * plane + static_cast<size_t>(y) * W;
+    if (pj.lanes == 1) store_plane_row<1>(acc, 0, p.scale[c], p.offset[c], pj.job->out, index, W, p.half);
+    else store_plane_row<4>(acc, pj.cidx[c], p.scale[c], p.offset[c], pj.job->out, index, W, p.half);
+  }
+}
+
+// acc = sum over the non-zero taps of w[k] * rows(k), two taps per sweep over acc.
+template <typename RowFn>
+inline void vblend_rows(float* acc, int n, const float* w, int K, int start, RowFn&& rows) {
+  const float* pending = nullptr;
+  float pending_w = 0.f;
+  bool first = true;
+  for (int k = 0; k < K; ++k) {
+    if (w[k] == 0.f) continue;
+    const float* r = rows(start + k);
+    if (!pending) { pending = r; pending_w = w[k]; continue; }
+    if (first) vblend_f_first2(acc, pending, r, pending_w, w[k], n);
+    else vblend_f_add2(acc, pending, r, pending_w, w[k], n);
+    first = false;
+    pending = nullptr;
+  }
+  if (pending) {
+    if (first) vblend_f_first(acc, pending, pending_w, n);
+    else vblend_f_add(acc, pending, pending_w, n);
   }
 }
 
@@ -415,44 +463,26 @@ void run_hfirst(const Prepared& pj, const OutParams& p, int y0, int y1, Scratch&
   const SrcImage& src = pj.job->src;
   const AxisTaps& ty = *pj.ty;
   const AxisTaps& tx = *pj.tx;
-  const int P = pj.planes;
-  const int W = p.width;
-  const int rowlen = P * W;
+  const int rowlen = pj.lanes * p.width;
   const int R = ty.k;
   s.ring.resize(static_cast<size_t>(R) * rowlen);
   s.ring_row.assign(static_cast<size_t>(R), -1);
   s.acc.resize(static_cast<size_t>(rowlen));
-  const int64_t step = src.col_stride;
+  // Ring of R = ty.k resampled rows: the rows of one output row are R consecutive source rows at
+  // most, so they never evict each other, and rows shared with the next output row are kept.
   auto get_row = [&](int r) -> const float* {
-    const int slot = r % R;
-    float* buf = s.ring.data() + static_cast<size_t>(slot) * rowlen;
-    if (s.ring_row[static_cast<size_t>(slot)] != r) {
-      hpass_any<uint8_t>(src.data + static_cast<int64_t>(r) * src.row_stride, step, pj.coff, P, tx, buf);
-      s.ring_row[static_cast<size_t>(slot)] = r;
+    const size_t slot = static_cast<size_t>(r % R);
+    float* buf = s.ring.data() + slot * rowlen;
+    if (s.ring_row[slot] != r) {
+      hpass_src_row(src.data + static_cast<int64_t>(r) * src.row_stride, src, tx, buf);
+      s.ring_row[slot] = r;
     }
     return buf;
   };
   for (int y = y0; y < y1; ++y) {
-    const int start = ty.start[static_cast<size_t>(y)];
     const float* w = ty.w.data() + static_cast<size_t>(y) * R;
-    const float* pending = nullptr;
-    float pending_w = 0.f;
-    bool first = true;
-    float* acc = s.acc.data();
-    for (int k = 0; k < R; ++k) {
-      if (w[k] == 0.f) continue;
-      const float* row = get_row(start + k);
-      if (!pending) { pending = row; pending_w = w[k]; continue; }
-      if (first) vblend_f_first2(acc, pending, row, pending_w, w[k], rowlen);
-      else vblend_f_add2(acc, pending, row, pending_w, w[k], rowlen);
-      first = false;
-      pending = nullptr;
-    }
-    if (pending) {
-      if (first) vblend_f_first(acc, pending, pending_w, rowlen);
-      else vblend_f_add(acc, pending, pending_w, rowlen);
-    }
-    finish_row(pj, p, acc, y, s);
+    vblend_rows(s.acc.data(), rowlen, w, R, ty.start[static_cast<size_t>(y)], get_row);
+    finish_row(pj, p, s.acc.data(), y);
   }
 }
 
@@ -460,21 +490,16 @@ void run_vfirst(const Prepared& pj, const OutParams& p, int y0, int y1, Scratch&
   const SrcImage& src = pj.job->src;
   const AxisTaps& ty = *pj.ty;
   const AxisTaps& tx = *pj.tx;
-  const int P = pj.planes;
   const int64_t C = src.channels;
-  const int64_t n = src.width * C;  // packed row: pixel-major, source channel order
-  s.srcrow.resize(static_cast<size_t>(n));
-  s.acc.resize(static_cast<size_t>(P) * p.width);
-  // Channel offsets inside the packed row (elements) instead of bytes in the source.
-  int64_t coff[3];
-  for (int q = 0; q < P; ++q) coff[q] = pj.cidx[q];
+  const int64_t n = src.width * C;  // pixel-major row, source channel order
+  s.srcrow.assign(static_cast<size_t>(n) + 4, 0.f);  // padding: 4-float loads of the last pixel
+  s.acc.resize(static_cast<size_t>(pj.lanes) * p.width);
   float* row = s.srcrow.data();
   const int K = ty.k;
   for (int y = y0; y < y1; ++y) {
     const int start = ty.start[static_cast<size_t>(y)];
     const float* w = ty.w.data() + static_cast<size_t>(y) * K;
     if (pj.contiguous_row) {
-      // One contiguous run of width*channels bytes per source row (positive unit steps).
       const uint8_t* pending = nullptr;
       float pending_w = 0.f;
       bool first = true;
@@ -501,15 +526,15 @@ void run_vfirst(const Prepared& pj, const OutParams& p, int y0, int y1, Scratch&
           const uint8_t* px = r + x * src.col_stride;
           for (int64_t c = 0; c < C; ++c) {
             const float v = wk * static_cast<float>(px[c * src.ch_stride]);
-            float& dst = row[x * C + c];
-            dst = first ? v : dst + v;
+            float& d = row[x * C + c];
+            d = first ? v : d + v;
           }
         }
         first = false;
       }
     }
-    hpass_any<float>(row, C, coff, P, tx, s.acc.data());
-    finish_row(pj, p, s.acc.data(), y, s);
+    hpass_float_row(row, static_cast<int>(C), tx, s.acc.data());
+    finish_row(pj, p, s.acc.data(), y);
   }
 }
 
@@ -519,37 +544,51 @@ void run_vfirst(const Prepared& pj, const OutParams& p, int y0, int y1, Scratch&
 // Planning and threading
 // ------------------------------------------------------------------------------------------------
 
-static double cost_hfirst(const SrcImage& src, const OutParams& p, const AxisTaps& ty, const AxisTaps& tx, int P) {
-  // Gathered horizontal taps are scalar (cost 1); contiguous float blends vectorise (~0.25).
-  const double rows = std::min<double>(ty.used, static_cast<double>(p.height) * ty.nnz);
-  (void)src;
-  return rows * p.width * P * tx.k + 0.25 * p.height * p.width * P * ty.nnz + 0.25 * p.height * p.width * 3;
-}
-
-static double cost_vfirst(const SrcImage& src, const OutParams& p, const AxisTaps& ty, const AxisTaps& tx, int P,
-                          bool contiguous) {
-  const double blend = static_cast<double>(p.height) * ty.nnz * src.width * src.channels * (contiguous ? 0.3 : 1.5);
-  return blend + static_cast<double>(p.height) * p.width * P * tx.k + 0.25 * p.height * p.width * 3;
-}
-
+// Rough instruction counts per pass (calibrated on x86-64 with SSE2; only the ratio matters).
 static bool row_contiguous(const SrcImage& s) {
   return s.col_stride == s.channels && (s.channels == 1 || s.ch_stride == 1);
 }
 
+static double hpass_cost_per_output(const SrcImage& s, int k, bool from_float) {
+  if (s.channels == 1) return 3.0 * k + 2.0;
+#if EDGE_AD_SIMD
+  if (from_float || (s.col_stride >= 3 && s.ch_stride == 1)) return (from_float ? 3.0 : 5.0) * k + 3.0;
+#else
+  (void)from_float;
+#endif
+  return 9.0 * k + 4.0;
+}
+
+static double cost_hfirst(const SrcImage& s, const OutParams& p, const AxisTaps& ty, const AxisTaps& tx) {
+  const int lanes = s.channels == 1 ? 1 : 4;
+  const double rows = std::min<double>(ty.used, static_cast<double>(p.height) * ty.nnz);
+  return rows * p.width * hpass_cost_per_output(s, tx.k, false) +
+         0.5 * p.height * p.width * lanes * ty.nnz + 6.0 * p.height * p.width;
+}
+
+static double cost_vfirst(const SrcImage& s, const OutParams& p, const AxisTaps& ty, const AxisTaps& tx) {
+  const double per_elem = row_contiguous(s) ? 1.0 : 4.0;
+  const double row_elems = static_cast<double>(s.width) * static_cast<double>(s.channels);
+  return static_cast<double>(p.height) * ty.nnz * row_elems * per_elem +
+         static_cast<double>(p.height) * p.width * hpass_cost_per_output(s, tx.k, true) + 6.0 * p.height * p.width;
+}
+
 int choose_order(const SrcImage& src, const OutParams& p, const AxisTaps& ty, const AxisTaps& tx) {
-  const int P = src.channels == 1 ? 1 : 3;
-  const bool contiguous = row_contiguous(src);
-  return cost_vfirst(src, p, ty, tx, P, contiguous) < cost_hfirst(src, p, ty, tx, P) ? 1 : 0;
+  return cost_vfirst(src, p, ty, tx) < cost_hfirst(src, p, ty, tx) ? 1 : 0;
 }
 
 int auto_threads() {
-  const unsigned hc = std::thread::hardware_concurrency();
-  return static_cast<int>(std::max(1u, std::min(hc == 0 ? 1u : hc, 8u)));
+  // Cached: hardware_concurrency() reads sysfs on every call (glibc), ~5 us.
+  static const int n = [] {
+    const unsigned hc = std::thread::hardware_concurrency();
+    return static_cast<int>(std::max(1u, std::min(hc == 0 ? 1u : hc, 8u)));
+  }();
+  return n;
 }
 
-// Minimum estimated work (cost units, roughly scalar multiply-adds) that justifies one more
+// Minimum estimated work (cost units ~ instructions, see cost_hfirst) that justifies one more
 // thread: starting and joining a std::thread costs tens of microseconds.
-static constexpr double kMinWorkPerThread = 400000.0;
+static constexpr double kMinWorkPerThread = 2.0e6;  // ~0.2 ms of work on a Zen 4 core
 
 int run_jobs(const std::vector<Job>& jobs, const OutParams& p, int num_threads, int force_order) {
   if (jobs.empty()) return 0;
@@ -567,16 +606,15 @@ int run_jobs(const std::vector<Job>& jobs, const OutParams& p, int num_threads, 
     taps_kinds(p.mode, static_cast<int>(s.height), static_cast<int>(s.width), p.height, p.width, &ky, &kx);
     pj.ty = get_taps(static_cast<int>(s.height), p.height, ky);
     pj.tx = get_taps(static_cast<int>(s.width), p.width, kx);
-    pj.planes = s.channels == 1 ? 1 : 3;
-    if (pj.planes == 3) {
+    pj.lanes = s.channels == 1 ? 1 : 4;
+    if (s.channels == 3) {
       pj.cidx[0] = p.bgr ? 2 : 0;
       pj.cidx[1] = 1;
       pj.cidx[2] = p.bgr ? 0 : 2;
-      for (int q = 0; q < 3; ++q) pj.coff[q] = pj.cidx[q] * s.ch_stride;
     }
     pj.contiguous_row = row_contiguous(s);
-    const double ch = cost_hfirst(s, p, *pj.ty, *pj.tx, pj.planes);
-    const double cv = cost_vfirst(s, p, *pj.ty, *pj.tx, pj.planes, pj.contiguous_row);
+    const double ch = cost_hfirst(s, p, *pj.ty, *pj.tx);
+    const double cv = cost_vfirst(s, p, *pj.ty, *pj.tx);
     pj.order = force_order >= 0 ? force_order : (cv < ch ? 1 : 0);
     pj.cost = std::min(ch, cv);
     total += pj.cost;

@@ -59,13 +59,14 @@ struct Job {
   void* out = nullptr;  // three contiguous planes (R, G, B) of height*width float32 / binary16
 };
 
-// Pass order for one job: 0 = horizontal first (only the source rows the vertical taps need),
-// 1 = vertical first (whole source rows blended, then one horizontal pass), -1 = cost model.
+// Pass order the cost model picks for one job: 0 = horizontal first (only the source rows the
+// vertical taps need), 1 = vertical first (whole source rows blended, then one horizontal pass).
 int choose_order(const SrcImage& src, const OutParams& p, const AxisTaps& ty, const AxisTaps& tx);
 
 // Runs all jobs, splitting them into row chunks over up to `num_threads` std::threads when the
-// work is large enough to pay for the threads (num_threads = 0: automatic). Blocks until done.
-// Returns the number of threads actually used.
+// work is large enough to pay for the threads (num_threads = 0: automatic; otherwise an upper
+// bound). force_order: -1 = cost model, 0 / 1 = that pass order (tests, benchmarks). Blocks until
+// done. Returns the number of threads used.
 int run_jobs(const std::vector<Job>& jobs, const OutParams& p, int num_threads, int force_order = -1);
 
 // Threads used when num_threads = 0 and the work is large (hardware concurrency, capped).

@@ -107,11 +107,12 @@ class KNNDetector(AnomalyDetector):
     # ------------------------------------------------------------------ fitting
     @torch.no_grad()
     def fit(self, good_images: torch.Tensor | Iterable[torch.Tensor], *, progress: bool | None = None) -> "KNNDetector":
-        """Build the memory bank from good images.
+        """Build the memory bank from good images (or from their patch features).
 
         Args:
             good_images: normalised images (N, 3, H, W) or an iterable of such batches (also
-                ``(images, ...)`` tuples).
+                ``(images, ...)`` tuples). Batches of precomputed patch features, (B, N, C) from
+                :meth:`patch_features` or (M, C), are accepted too and used as they are.
             progress: tqdm bars (feature extraction and coreset); None = automatic.
 
         Returns:
@@ -120,7 +121,7 @@ class KNNDetector(AnomalyDetector):
         was_training = self.training
         self.eval()
         chunks = []
-        batches = iterate_image_batches(good_images)
+        batches = iterate_image_batches(good_images, feature_dim=self.feature_dim)
         if progress:
             from tqdm.auto import tqdm
 
@@ -128,6 +129,9 @@ class KNNDetector(AnomalyDetector):
         try:
             for batch in batches:
                 batch = batch.to(self.device)
+                if batch.ndim in (2, 3) and batch.shape[-1] == self.feature_dim:
+                    chunks.append(batch.reshape(-1, self.feature_dim).float())  # already features
+                    continue
                 self.check_images(batch)
                 chunks.append(self.patch_features(batch).reshape(-1, self.feature_dim).float())
         finally:
