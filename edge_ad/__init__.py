@@ -16,6 +16,10 @@ _LAZY = {
     "build_backbone": "edge_ad.backbones",
     "list_backbones": "edge_ad.backbones",
     "PreprocessSpec": "edge_ad.runtime",
+    "build_detector": "edge_ad.methods",
+    "load_detector": "edge_ad.methods",
+    "train": "edge_ad.training",
+    "evaluate": "edge_ad.evaluation",
     "preprocess": "edge_ad.runtime",
 }
 

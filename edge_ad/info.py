@@ -89,7 +89,7 @@ def _opencv_report() -> dict[str, Any]:
 
 def _extension_report() -> dict[str, Any]:
     try:
-        from edge_ad.runtime import preprocess as _pre
+        from edge_ad.runtime import preprocessing as _pre
 
         built = bool(_pre.extension_available())
     except Exception as exc:  # the module itself failing to import is worth reporting, not crashing

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 from ._cv import cv2_available, require_cv2
 from .image_io import IMAGE_SUFFIXES, is_image_file, read_image, read_mask
-from .preprocess import extension_available, preprocess_batch
-# The submodule itself (callable: edge_ad.runtime.preprocess(frame, spec) runs preprocess()), so
-# that both `import edge_ad.runtime.preprocess as p` and `from edge_ad.runtime import preprocess`
-# work; binding the function here would shadow the submodule.
-from . import preprocess
+from .preprocessing import extension_available, preprocess, preprocess_batch
 from .preprocess_spec import PreprocessSpec
 
 __all__ = [

@@ -200,7 +200,7 @@ def test_ddp_style_call_goes_through_forward() -> None:
 
 
 def test_build_training_batch_on_real_images(real_root: Path) -> None:
-    pytest.importorskip("edge_ad.runtime.preprocess", reason="runtime.preprocess not available yet")
+    pytest.importorskip("edge_ad.runtime.preprocessing", reason="runtime.preprocess not available yet")
     from edge_ad.methods.foundad import build_training_batch
     from edge_ad.runtime import read_image
 

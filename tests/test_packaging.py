@@ -45,7 +45,7 @@ def test_wheel_extension_imports_and_runs(wheel: Path, tmp_path: Path):
     code = (
         # Drop the development checkout's editable-install finder so the unpacked wheel is what imports.
         "import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in type(f).__module__];"
-        "import numpy as np, edge_ad.runtime.preprocess as p, edge_ad;"
+        "import numpy as np, edge_ad.runtime.preprocessing as p, edge_ad;"
         f"assert edge_ad.__file__.startswith({str(tmp_path)!r}), edge_ad.__file__;"
         "assert p.extension_available();"
         "o = p.preprocess(np.full((40, 50, 3), 128, np.uint8), edge_ad.runtime.PreprocessSpec(16, 16), backend='extension');"

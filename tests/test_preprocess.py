@@ -16,7 +16,7 @@ import pytest
 
 from edge_ad.runtime import PreprocessSpec, extension_available, preprocess, preprocess_batch, read_image
 
-pp = importlib.import_module("edge_ad.runtime.preprocess")
+pp = importlib.import_module("edge_ad.runtime.preprocessing")
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -568,10 +568,11 @@ def test_runtime_imports_without_extension_cv2_and_torch():
 
 
 def test_module_and_function_access():
-    # `edge_ad.runtime.preprocess` is the submodule and is callable as the function.
+    # The function is exported from the package (and lazily from edge_ad); the module keeps its own name.
     import edge_ad
     import edge_ad.runtime
 
-    assert edge_ad.runtime.preprocess is pp
-    assert callable(pp) and pp.extension_available() == extension_available()
+    assert edge_ad.runtime.preprocessing is pp
+    assert edge_ad.runtime.preprocess is pp.preprocess and edge_ad.preprocess is pp.preprocess
+    assert pp.extension_available() == extension_available()
     assert edge_ad.preprocess(_frame(20, 20), SPEC).shape == (1, 3, 16, 16)

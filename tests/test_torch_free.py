@@ -46,7 +46,7 @@ def test_runtime_imports_without_torch():
         import numpy as np
         import edge_ad
         import edge_ad.runtime as rt
-        from edge_ad.runtime.preprocess import preprocess, extension_available
+        from edge_ad.runtime.preprocessing import preprocess, extension_available
         spec = rt.PreprocessSpec(32, 48)
         out = preprocess(np.zeros((60, 80, 3), np.uint8), spec)
         assert out.shape == (1, 3, 32, 48), out.shape

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--shots", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=150, help="FoundAD optimiser steps")
+    parser.add_argument("--steps", type=int, default=100, help="FoundAD optimiser steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
 

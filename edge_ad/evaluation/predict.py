@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_ad.runtime.preprocess import preprocess_batch
+from edge_ad.data.masks import resize_mask
+from edge_ad.runtime.preprocessing import preprocess_batch
 from edge_ad.runtime.preprocess_spec import PreprocessSpec
 
 
@@ -33,14 +34,6 @@ class Predictions:
     defect_types: list[str]
 
 
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a bool mask (H, W) to ``size`` = (h, w), pixel-centre sampling."""
-    h, w = size
-    ys = np.minimum(((np.arange(h) + 0.5) * mask.shape[0] / h).astype(np.int64), mask.shape[0] - 1)
-    xs = np.minimum(((np.arange(w) + 0.5) * mask.shape[1] / w).astype(np.int64), mask.shape[1] - 1)
-    return mask[ys[:, None], xs[None, :]]
-
-
 @torch.no_grad()
 def predict_dataset(
     detector: nn.Module,
@@ -54,7 +47,7 @@ def predict_dataset(
 ) -> Predictions:
     """Score every sample of ``dataset`` (items with ``image`` uint8 RGB, ``mask``, ``label``, ...).
 
-    Images go through :func:`edge_ad.runtime.preprocess.preprocess_batch`, the exact function the
+    Images go through :func:`edge_ad.runtime.preprocessing.preprocess_batch`, the exact function the
     deployed runtime uses, so these numbers are the numbers the device gives.
     """
     if len(dataset) == 0:

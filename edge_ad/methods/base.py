@@ -322,7 +322,7 @@ class AnomalyDetector(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
                 f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}; "
-                "grey frames must be replicated to 3 channels (edge_ad.runtime.preprocess does this)"
+                "grey frames must be replicated to 3 channels (edge_ad.runtime.preprocessing does this)"
             )
         if tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(

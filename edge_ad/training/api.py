@@ -15,7 +15,7 @@ import torch
 
 from edge_ad.methods import AnomalyDetector, BackboneSpec, build_detector, get_method, save_checkpoint
 from edge_ad.methods.checkpoint import CONFIG_FILE, MODEL_FILE
-from edge_ad.runtime.preprocess import preprocess_batch
+from edge_ad.runtime.preprocessing import preprocess_batch
 
 from .device import resolve_device
 from .distributed import DistContext, barrier, init_distributed, shutdown_distributed
@@ -50,7 +50,7 @@ def _fit_gradient(
     progress: bool,
 ) -> dict[str, Any]:
     """Train a ``fit_mode == "gradient"`` method (FoundAD) with the generic loop."""
-    from edge_ad.methods.foundad.loss import build_training_batch, loss_fn
+    from edge_ad.methods.foundad.loss import loss_fn
     from edge_ad.synth import CutPaste
     from edge_ad.synth.foreground import foreground_mask
 
@@ -65,16 +65,19 @@ def _fit_gradient(
         clean_tokens = torch.cat([detector.features(clean_all[i : i + 8]) for i in range(0, len(images), 8)])
 
     def make_batch(step: int, rank: int):
+        # Same sampling as foundad.loss.build_training_batch (per-sample coin, CutPaste inside the
+        # foreground), but only synthetic contexts are preprocessed and encoded: clean samples
+        # reuse the cached tokens, which is most of the work on a CPU.
         rng = np.random.default_rng(step_seed(seed, step, rank))
         pick = rng.integers(0, len(images), size=batch_size)
-        batch = build_training_batch([images[i] for i in pick], spec, rng, synthetic_prob=cfg.synthetic_prob,
-                                     cutpaste=cutpaste, foregrounds=[foregrounds[i] for i in pick])
         target = clean_tokens[torch.from_numpy(pick).to(device)]
-        synthetic = batch.synthetic.to(device)
         context = target.clone()
-        if bool(synthetic.any()):
+        synthetic = [j for j in range(batch_size) if rng.random() < cfg.synthetic_prob]
+        if synthetic:
+            augmented = [cutpaste(images[pick[j]], rng, foreground=foregrounds[pick[j]])[0] for j in synthetic]
+            pixels = torch.from_numpy(preprocess_batch(augmented, spec, color_order="rgb")).to(device)
             with torch.no_grad():
-                context[synthetic] = detector.features(batch.context.to(device)[synthetic])
+                context[torch.tensor(synthetic, device=device)] = detector.features(pixels)
         return target, context
 
     fit_cfg = FitConfig(steps=steps, lr=lr, weight_decay=cfg.weight_decay, seed=seed, amp=amp,

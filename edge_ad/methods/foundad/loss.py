@@ -108,7 +108,7 @@ def build_training_batch(
 
     Each sample's context is a CutPaste copy with probability ``synthetic_prob`` (drawn per sample
     from ``rng``; the reference code draws once per batch, which is the same in expectation).
-    Pixels go through :func:`edge_ad.runtime.preprocess.preprocess_batch` with ``spec`` (the
+    Pixels go through :func:`edge_ad.runtime.preprocessing.preprocess_batch` with ``spec`` (the
     detector's ``preprocess_spec``), the same function evaluation and the device use. Images are
     cut and pasted at their own resolution before resizing, so the defect is resampled exactly
     like a real one.
@@ -121,7 +121,8 @@ def build_training_batch(
         cutpaste: a :class:`~edge_ad.synth.CutPaste` (default settings when None).
         foregrounds: optional cached foreground masks, one per image (None entries = compute).
     """
-    from edge_ad.runtime.preprocess import preprocess_batch
+    from edge_ad.data.masks import resize_mask
+    from edge_ad.runtime.preprocessing import preprocess_batch
     from edge_ad.synth import CutPaste
 
     if len(images) == 0:
@@ -138,7 +139,7 @@ def build_training_batch(
             contexts.append(image)
             mask = np.zeros(image.shape[:2], dtype=bool)
             synthetic.append(False)
-        masks.append(_resize_mask(mask, (spec.height, spec.width)))
+        masks.append(resize_mask(mask, (spec.height, spec.width)))
     clean = torch.from_numpy(np.ascontiguousarray(preprocess_batch(list(images), spec, color_order="rgb")))
     context = torch.from_numpy(np.ascontiguousarray(preprocess_batch(contexts, spec, color_order="rgb")))
     return FoundADBatch(
@@ -147,11 +148,3 @@ def build_training_batch(
         synthetic=torch.tensor(synthetic, dtype=torch.bool),
         masks=torch.from_numpy(np.stack(masks)),
     )
-
-
-def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize with pixel-centre sampling (bool in, bool out)."""
-    h, w = size
-    ys = np.minimum(((np.arange(h) + 0.5) * mask.shape[0] / h).astype(np.int64), mask.shape[0] - 1)
-    xs = np.minimum(((np.arange(w) + 0.5) * mask.shape[1] / w).astype(np.int64), mask.shape[1] - 1)
-    return mask[ys[:, None], xs[None, :]]

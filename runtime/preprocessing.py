@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import functools
 import numbers
-import sys
-import types
 from collections.abc import Sequence
 
 import numpy as np
@@ -407,16 +405,3 @@ def preprocess_batch(
         result = out
     _run(views, out4, spec, color_order == "bgr", use_ext, num_threads)
     return result
-
-
-class _CallableModule(types.ModuleType):
-    """``edge_ad.runtime.preprocess`` is this module *and* behaves as the :func:`preprocess`
-    function: ``import edge_ad.runtime.preprocess as p; p.extension_available()`` and
-    ``from edge_ad.runtime import preprocess; preprocess(frame, spec)`` both work, although the
-    package attribute can only hold one object (the submodule)."""
-
-    def __call__(self, *args, **kwargs) -> np.ndarray:
-        return preprocess(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
