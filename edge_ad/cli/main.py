@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "end-to-end demo: few-shot FoundAD and knn on real images, metrics and overlays"),
     "train": ("train", "train / fit a detector on the good images of one category"),
     "evaluate": ("evaluate", "metrics, JSON report and overlays of a run on a test split"),
+    "targets": ("targets", "deployment targets: engine, device, precisions, DLA, OpenVINO hint (torch-free)"),
 }
 
 
