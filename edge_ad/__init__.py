@@ -20,6 +20,7 @@ _LAZY = {
     "load_detector": "edge_ad.methods",
     "train": "edge_ad.training",
     "evaluate": "edge_ad.evaluation",
+    "convert": "edge_ad.converters.convert",
     "preprocess": "edge_ad.runtime",
 }
 

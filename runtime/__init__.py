@@ -5,13 +5,25 @@ Nothing in this package imports torch, directly or indirectly; a test enforces i
 from __future__ import annotations
 
 from ._cv import cv2_available, require_cv2
+from .bundle import Bundle, BundleError, Manifest, load_bundle, update_manifest, write_bundle
 from .image_io import IMAGE_SUFFIXES, is_image_file, read_image, read_mask
 from .preprocessing import extension_available, preprocess, preprocess_batch
 from .preprocess_spec import PreprocessSpec
+from .targets import Target, get_target, list_targets, register_target
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "Bundle",
+    "BundleError",
+    "Manifest",
     "PreprocessSpec",
+    "Target",
+    "get_target",
+    "list_targets",
+    "load_bundle",
+    "register_target",
+    "update_manifest",
+    "write_bundle",
     "cv2_available",
     "extension_available",
     "is_image_file",

@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("train", "train / fit a detector on the good images of one category"),
     "evaluate": ("evaluate", "metrics, JSON report and overlays of a run on a test split"),
     "targets": ("targets", "deployment targets: engine, device, precisions, DLA, OpenVINO hint (torch-free)"),
+    "convert": ("convert", "run directory -> deployment bundle for a target (ONNX, OpenVINO, TensorRT Q/DQ)"),
 }
 
 

@@ -1,0 +1,194 @@
+"""``edge_ad.convert``: a trained run directory -> a deployment bundle for one target.
+
+One call does what an integrator needs on the way to a device::
+
+    run dir ─► export ONNX (static shape, checked, validated vs torch on calibration images)
+            ─► calibration set (good train images + synthetic defects; never a test split)
+            ─► engine artifacts for the target:
+                   openvino   : IR fp32 / fp16 / int8 (NNCF)          + model.onnx (fp32, portable truth)
+                   onnxruntime: model.onnx fp32 or INT8 Q/DQ
+                   tensorrt   : model.onnx fp32 (fp16 engine) or INT8 Q/DQ; engine built on the device
+            ─► fidelity report: converted vs PyTorch FP32 (printed, stored in the bundle)
+            ─► thresholds fitted on held-out good images with the converted model's own numerics
+            ─► bundle (manifest.yaml + checksums) via edge_ad.runtime.write_bundle
+
+TensorRT cannot run on a host without it: the TensorRT bundle's fidelity is measured by running
+the exact ONNX the engine is built from in onnxruntime (its numerics proxy) and says so.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _held_out_good(data: Path, category: str, training_images: list[str], limit: int) -> list[np.ndarray]:
+    """Good train images the run did not train on (for threshold fitting), at most ``limit``."""
+    from edge_ad.data import MVTecDataset
+
+    train = MVTecDataset(data, category, "train")
+    used = {str(Path(p).resolve()) for p in training_images}
+    keep = [i for i, p in enumerate(train.paths) if str(Path(p).resolve()) not in used][:limit]
+    return [train[i].image for i in keep]
+
+
+def convert(
+    run_dir: str | Path,
+    target: str,
+    out: str | Path,
+    *,
+    precision: str | None = None,
+    calib: str | Path | None = None,
+    calib_count: int = 128,
+    synthetic_fraction: float | None = None,
+    val_data: str | Path | None = None,
+    val_category: str | None = None,
+    threshold_fpr: float = 0.01,
+    tar: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Convert a trained run into a bundle for ``target``.
+
+    Args:
+        run_dir: run directory (``model.safetensors`` + ``config.yaml``).
+        target: registry name (``edge-ad targets``): ``intel-cpu``, ``jetson-orin``, ``onnx-cpu``, ...
+        out: bundle directory (or ``.tar`` path with ``tar=True``) to write.
+        precision: ``fp32 | fp16 | int8``; None = the target's default.
+        calib: calibration source: a folder of good images, an MVTec category folder (its
+            ``train/good``), or a video. Required for INT8; default = the run's training category.
+        calib_count: calibration images (default 128, fewer when the source has fewer).
+        synthetic_fraction: share of synthetic defects mixed into calibration (None = default).
+        val_data, val_category: an MVTec-layout test split to measure fidelity on (image and pixel
+            AUROC deltas need labels and masks); default = the calibration images (map errors only).
+        threshold_fpr: image / pixel false-positive rate the stored thresholds are fitted at, on
+            held-out good images of the run's category (the ones it did not train on).
+        tar: write one ``.tar`` file instead of a directory.
+
+    Returns:
+        The bundle path.
+    """
+    from edge_ad.calibration import build_calibration_set, fit_thresholds
+    from edge_ad.methods import load_checkpoint_config, load_detector
+    from edge_ad.runtime import get_target
+    from edge_ad.runtime.bundle import (
+        BackboneInfo, Calibration, EngineSpec, InputSpec, Manifest, OutputSpec, Thresholds, write_bundle)
+    from edge_ad.runtime.preprocessing import preprocess_batch
+
+    from .export import export_onnx
+    from .fidelity import fidelity_report, onnxruntime_runner, torch_runner
+
+    tgt = get_target(target)
+    precision = precision or tgt.default_precision
+    tgt.check_precision(precision)
+    run_dir = Path(run_dir)
+    detector = load_detector(run_dir).eval()
+    run_config = load_checkpoint_config(run_dir)
+    training = run_config.get("training", {}) or {}
+    spec = detector.preprocess_spec
+    transformer = not detector.backbone.info.name.startswith("efficientnet")
+
+    if calib is None:
+        if not training.get("data") or not training.get("category"):
+            raise ValueError("pass calib=DIR: the run does not record its training data")
+        calib = Path(training["data"]) / training["category"]
+    kwargs: dict[str, Any] = {"count": calib_count, "seed": seed}
+    if synthetic_fraction is not None:
+        kwargs["synthetic_fraction"] = synthetic_fraction
+    calset = build_calibration_set(Path(calib), spec, **kwargs)
+    print(f"[convert] calibration: {len(calset.images)} images from {calib} (hash {calset.hash[:12]})")
+
+    work = Path(tempfile.mkdtemp(prefix="edge_ad_convert_"))
+    onnx_fp32 = export_onnx(detector, work / "model.onnx", batch_size=1, validate_images=calset.images[:4])
+    artifacts: dict[str, Any] = {}
+    quant_record: dict[str, Any] | None = None
+    proxy_note = None
+    if tgt.engine == "openvino":
+        from .openvino import convert_openvino, openvino_runner
+
+        ov = convert_openvino(onnx_fp32, work / "openvino", precision=precision, calibration_images=calset.images,
+                              transformer=transformer, device=tgt.device)
+        artifacts = {"model.onnx": onnx_fp32, "openvino/model.xml": ov.xml, "openvino/model.bin": ov.bin}
+        hints = {"INFERENCE_PRECISION_HINT": ov.inference_precision_hint}
+        quant_record = ov.quantization
+        # Fidelity is measured on this machine's CPU with the same pinned hint the bundle carries.
+        runner = openvino_runner(ov.xml, precision_hint="f32" if tgt.device.upper() != "CPU" else ov.inference_precision_hint)
+        if tgt.device.upper() != "CPU":
+            proxy_note = f"measured on the host CPU (f32), not on {tgt.device}"
+    else:
+        model_onnx = onnx_fp32
+        if precision == "int8":
+            from .qdq import quantize_qdq
+
+            model_onnx = work / "model_qdq.onnx"
+            result = quantize_qdq(onnx_fp32, model_onnx, calset.images)
+            quant_record = result.to_dict() if hasattr(result, "to_dict") else {"tool": "qdq"}
+        if tgt.engine == "tensorrt":
+            from .trt_check import check_tensorrt_compatible
+
+            problems = check_tensorrt_compatible(model_onnx)
+            if problems:
+                raise ValueError("the ONNX graph is not TensorRT-ready:\n  " + "\n  ".join(problems))
+            proxy_note = "TensorRT is not run here: onnxruntime on the exact ONNX the engine is built from"
+        artifacts = {"model.onnx": model_onnx}
+        hints = tgt.engine_hints(precision)
+        runner = onnxruntime_runner(model_onnx)
+
+    if val_data is not None:
+        from edge_ad.data import MVTecDataset
+
+        validation: Any = MVTecDataset(val_data, val_category or training.get("category"), "test")
+        description = f"{val_data}/{val_category or training.get('category')} test split"
+    else:
+        validation, description = calset.images, "calibration images (map agreement only)"
+    report = fidelity_report(torch_runner(detector), runner, validation, spec=spec, format=f"{tgt.name}",
+                             precision=precision, description=description,
+                             extra={"proxy": proxy_note} if proxy_note else None)
+    print(report.table())
+
+    thresholds = None
+    if training.get("data") and training.get("category"):
+        held_out = _held_out_good(Path(training["data"]), training["category"], training.get("images", []), 256)
+        if held_out:
+            maps, scores = runner(preprocess_batch(held_out, spec, color_order="rgb"))
+            thresholds = fit_thresholds(scores, maps[:, 0], target_fpr=threshold_fpr, pixel_fpr=threshold_fpr,
+                                        source=f"{len(held_out)} held-out good images of {training['category']}")
+
+    (work / "calibration.json").write_text(json.dumps(calset.to_manifest(), indent=2))
+    artifacts["calibration.json"] = work / "calibration.json"
+    fid = report.to_dict()
+    manifest = Manifest(
+        method=detector.method,
+        backbone=BackboneInfo(name=detector.backbone.info.name, layers=tuple(detector.backbone.info.layers)),
+        input=InputSpec.from_preprocess_spec(spec, batch=1),
+        outputs=(OutputSpec("anomaly_map", (1, 1, spec.height, spec.width)), OutputSpec("score", (1,))),
+        precision=precision,
+        target=tgt.name,
+        engine=EngineSpec(tgt.engine, hints),
+        normalization={k: float(v) for k, v in detector.normalizer.stats().items() if isinstance(v, (int, float))},
+        thresholds=Thresholds.from_summary(thresholds.to_dict()) if thresholds is not None else None,
+        calibration=Calibration.from_summary(calset.to_manifest()),
+        fidelity=_fidelity_summary(fid),
+        info={"run_dir": str(run_dir), "quantization": json.loads(json.dumps(quant_record, default=str)) if quant_record else None},
+    )
+    path = write_bundle(out, manifest, artifacts, fidelity=fid, tar=tar)
+    print(f"[convert] bundle written to {path}")
+    return path
+
+
+def _fidelity_summary(report: dict[str, Any]) -> dict[str, float]:
+    """The flat numbers of a fidelity report that go into the manifest (the full report is a file):
+    ``map.<stat>``, ``score.<stat>`` and ``<metric>.<reference|candidate|delta>``."""
+    summary: dict[str, float] = {}
+    for section in ("map", "score"):
+        for k, v in (report.get(section) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                summary[f"{section}.{k}"] = float(v)
+    for metric, values in (report.get("metrics") or {}).items():
+        for k, v in (values or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                summary[f"{metric}.{k}"] = float(v)
+    return summary

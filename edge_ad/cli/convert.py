@@ -1,0 +1,31 @@
+"""``edge-ad convert RUN_DIR --target T [--precision P] [--calib DIR] --out BUNDLE``."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory written by `edge-ad train`")
+    parser.add_argument("--target", required=True, help="deployment target (see `edge-ad targets`)")
+    parser.add_argument("--precision", default=None, choices=["fp32", "fp16", "int8"],
+                        help="default: the target's default precision")
+    parser.add_argument("--calib", default=None, help="calibration images: folder, MVTec category folder (train/good "
+                        "is used) or video; default: the run's training category")
+    parser.add_argument("--calib-count", type=int, default=128)
+    parser.add_argument("--synthetic-fraction", type=float, default=None,
+                        help="share of synthetic defects in the calibration set")
+    parser.add_argument("--val-data", default=None, help="dataset root whose test split measures fidelity")
+    parser.add_argument("--val-category", default=None, help="category in --val-data (default: the run's)")
+    parser.add_argument("--threshold-fpr", type=float, default=0.01,
+                        help="false-positive rate of the stored thresholds (held-out good images)")
+    parser.add_argument("--tar", action="store_true", help="write one .tar file")
+    parser.add_argument("--out", required=True, help="bundle directory (or .tar with --tar)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_ad.converters.convert import convert
+
+    convert(args.run_dir, args.target, args.out, precision=args.precision, calib=args.calib,
+            calib_count=args.calib_count, synthetic_fraction=args.synthetic_fraction, val_data=args.val_data,
+            val_category=args.val_category, threshold_fpr=args.threshold_fpr, tar=args.tar)
+    return 0

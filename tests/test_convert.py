@@ -1,0 +1,92 @@
+"""`edge_ad.convert` / `edge-ad convert`: run directory -> verified bundle, per target family."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edge_ad.converters.convert import convert
+from edge_ad.converters.openvino import convert_openvino, openvino_runner
+from edge_ad.data import MVTecDataset
+from edge_ad.methods import build_detector
+from edge_ad.runtime import load_bundle, preprocess_batch
+from edge_ad.training import train
+
+CATEGORY = "mvtec_hazelnut_256"
+
+
+@pytest.fixture(scope="module")
+def knn_run(real_root, tmp_path_factory):
+    """knn on real EfficientNet-Lite0 weights, 4 real shots, 64 px: small enough to convert in seconds."""
+    out = tmp_path_factory.mktemp("runs") / "knn"
+    return train("knn", "efficientnet_lite0", real_root, CATEGORY, out, shots=4, image_size=64, device="cpu",
+                 progress=False)
+
+
+def test_intel_cpu_int8_bundle(knn_run, real_root, tmp_path):
+    bundle_path = convert(knn_run, "intel-cpu", tmp_path / "bundle", precision="int8",
+                          calib=real_root / CATEGORY, calib_count=16, val_data=real_root, progress=False)
+    bundle = load_bundle(bundle_path)  # verifies schema and every checksum
+    m = bundle.manifest
+    assert (m.target, m.precision, m.engine.name) == ("intel-cpu", "int8", "openvino")
+    assert m.engine.hints["INFERENCE_PRECISION_HINT"] == "f32"
+    assert m.calibration.count >= 16 and len(m.calibration.hash) == 64
+    assert m.thresholds is not None and m.thresholds.target_fpr == 0.01
+    fidelity = bundle.fidelity
+    assert fidelity["num_images"] == 10 and fidelity["num_anomalous"] == 8
+    # The conversion cost is measured and small: the INT8 map still tracks FP32.
+    assert fidelity["map"]["pearson_r"] > 0.95
+    assert abs(fidelity["metrics"]["pixel_auroc"]["delta"]) < 0.05
+    # The bundle's IR runs and reproduces the stored fidelity's numbers on its own.
+    spec = bundle.preprocess_spec
+    test = MVTecDataset(real_root, CATEGORY, "test")
+    x = preprocess_batch([s.image for s in test], spec, color_order="rgb")
+    maps, scores = openvino_runner(bundle.path("openvino/model.xml"), precision_hint="f32")(x)
+    assert maps.shape == (10, 1, 64, 64) and np.isfinite(scores).all()
+    calib_files = json.loads(bundle.path("calibration.json").read_text())["files"]
+    assert calib_files and not any("/test/" in f for f in calib_files)  # never calibrated on test data
+
+
+def test_onnx_cpu_fp32_bundle_as_tar(knn_run, tmp_path):
+    path = convert(knn_run, "onnx-cpu", tmp_path / "b.tar", precision="fp32", calib_count=8, tar=True)
+    bundle = load_bundle(path)
+    assert bundle.manifest.engine.name == "onnxruntime" and bundle.manifest.precision == "fp32"
+    assert bundle.fidelity["map"]["max_abs_error"] < 1e-3  # FP32 ONNX == torch
+
+
+def test_precision_not_allowed_by_target(knn_run, tmp_path):
+    with pytest.raises(ValueError, match="int8|precision"):
+        convert(knn_run, "intel-npu", tmp_path / "x", precision="fp32")
+    with pytest.raises(KeyError, match="no-such-target|targets"):
+        convert(knn_run, "no-such-target", tmp_path / "y")
+
+
+@pytest.mark.parametrize("backbone", ["dinov2_vits14", "dinov3_vits16"])
+def test_random_init_vit_foundad_int8_openvino_map_cosine(backbone, real_root, tmp_path):
+    """Acceptance: FoundAD on random-init ViT-S-shaped DINOv2 / DINOv3 (LayerScale 1.0, so blocks are
+    not near-identities that would hide quantisation error) converts to OpenVINO INT8 with anomaly-map
+    cosine >= 0.99 against FP32, on real images."""
+    size = 56 if backbone.startswith("dinov2") else 64
+    torch.manual_seed(0)
+    detector = build_detector(
+        "foundad", backbone={"name": backbone, "img_size": size, "layers": [3],
+                             "overrides": {"depth": 4, "init_values": 1.0}},
+        projector_dim=96, projector_depth=2, projector_heads=4).eval()
+    train_set = MVTecDataset(real_root, CATEGORY, "train")
+    images = preprocess_batch([train_set[i].image for i in range(40)], detector.preprocess_spec, color_order="rgb")
+    detector.fit_normalization(torch.from_numpy(images[32:40]))
+    from edge_ad.converters import export_onnx
+
+    onnx_path = export_onnx(detector, tmp_path / "m.onnx")
+    result = convert_openvino(onnx_path, tmp_path / "ov", precision="int8", calibration_images=images[:32],
+                              transformer=True)
+    test = MVTecDataset(real_root, CATEGORY, "test")
+    x = preprocess_batch([s.image for s in test], detector.preprocess_spec, color_order="rgb")
+    with torch.no_grad():
+        ref = detector(torch.from_numpy(x)).anomaly_map.numpy().ravel().astype(np.float64)
+    got = openvino_runner(result.xml)(x)[0].ravel().astype(np.float64)
+    cosine = ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got))
+    assert cosine >= 0.99, cosine
+    assert not np.allclose(ref, got, atol=1e-4)  # INT8 really changed the numbers
