@@ -90,3 +90,26 @@ def test_random_init_vit_foundad_int8_openvino_map_cosine(backbone, real_root, t
     cosine = ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got))
     assert cosine >= 0.99, cosine
     assert not np.allclose(ref, got, atol=1e-4)  # INT8 really changed the numbers
+
+
+def test_cli_convert_jetson_orin_int8_writes_qdq_bundle_here(knn_run, real_root, tmp_path):
+    """No TensorRT on this host: the bundle carries the exact Q/DQ ONNX the engine will be built from,
+    it passes the TensorRT graph checks, and onnxruntime runs it (the fidelity report's proxy)."""
+    import onnx
+
+    from edge_ad.cli.main import main
+    from edge_ad.converters.fidelity import onnxruntime_runner
+    from edge_ad.converters.trt_check import check_tensorrt_compatible
+
+    out = tmp_path / "orin"
+    assert main(["convert", str(knn_run), "--target", "jetson-orin", "--precision", "int8", "--calib",
+                 str(real_root / CATEGORY), "--calib-count", "16", "--out", str(out)]) == 0
+    bundle = load_bundle(out)
+    assert (bundle.manifest.engine.name, bundle.manifest.precision) == ("tensorrt", "int8")
+    model_path = bundle.path("model.onnx")
+    ops = {n.op_type for n in onnx.load(str(model_path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert check_tensorrt_compatible(model_path) == []
+    maps, scores = onnxruntime_runner(model_path)(np.zeros((2, 3, 64, 64), np.float32))
+    assert maps.shape == (2, 1, 64, 64) and np.isfinite(scores).all()
+    assert "onnxruntime" in bundle.fidelity["extra"]["proxy"]
