@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from .trt_check import constant_values
+
 __all__ = [
     "DEFAULT_EXCLUDE",
     "METHODS",
@@ -159,17 +161,6 @@ def _name_unnamed_nodes(model: Any) -> None:
             seen.add(name)
 
 
-def _constant_values(model: Any) -> dict[str, np.ndarray]:
-    """Tensor name -> value for initializers and ``Constant`` node outputs (``value`` attribute)."""
-    from onnx import numpy_helper
-
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
 
 
 def _constants_to_initializers(model: Any, names: set[str]) -> None:
@@ -286,7 +277,7 @@ def plan_quantization(
             (ImageNet weights, real images): anomaly-map cosine 0.960 with them, 0.996 without.
     """
     patterns = [re.compile(p) for p in exclude]
-    constants = _constant_values(model)
+    constants = constant_values(model)
     plan = QuantizationPlan()
     for node in model.graph.node:
         if node.op_type not in QUANTIZED_OP_TYPES:

@@ -144,7 +144,8 @@ def _load(model_or_path: Any) -> Any:
     return model_or_path
 
 
-def _constants(model: Any) -> dict[str, np.ndarray]:
+def constant_values(model: Any) -> dict[str, np.ndarray]:
+    """Tensor name -> value of every initializer and ``Constant`` node output (``value`` attribute)."""
     from onnx import numpy_helper
 
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -221,7 +222,7 @@ def qdq_summary(model_or_path: Any) -> QDQSummary:
     model = _load(model_or_path)
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
-    constants = _constants(model)
+    constants = constant_values(model)
     cdtypes = _constant_dtypes(model)
     summary = QDQSummary(
         num_quantize=sum(n.op_type == "QuantizeLinear" for n in graph.node),
@@ -303,7 +304,7 @@ def _check_qdq(model: Any, float_op_types: Collection[str]) -> list[str]:
 
     problems: list[str] = []
     graph = model.graph
-    constants = _constants(model)
+    constants = constant_values(model)
     cdtypes = _constant_dtypes(model)
     consumers: dict[str, list[Any]] = {}
     for n in graph.node:
@@ -500,7 +501,7 @@ def check_tensorrt_compatible(
         problems.append(f"DOUBLE (float64) tensors {_listed(f64)}: TensorRT has no FP64; export in float32")
 
     # TopK: constant K within TensorRT's limit.
-    constants = _constants(model)
+    constants = constant_values(model)
     for node in graph.node:
         if node.op_type != "TopK":
             continue

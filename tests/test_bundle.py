@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import io
 import pickle
-import subprocess
-import sys
 import tarfile
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +28,8 @@ from edge_ad.runtime.bundle import (
     update_manifest,
     write_bundle,
 )
+
+from torch_blocker import run_without_torch
 
 H = W = 8
 
@@ -400,20 +399,7 @@ def test_bad_artifact_names_and_inputs(tmp_path: Path, onnx_bytes: bytes):
 
 def test_bundle_loads_and_runs_with_torch_blocked(tmp_path: Path, onnx_bytes: bytes):
     out = write_bundle(tmp_path / "b", _manifest(), {"model.onnx": onnx_bytes}, tar=True)
-    blocker = textwrap.dedent(
-        """
-        import sys, importlib.abc
-
-        class _BlockTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "torchvision", "timm", "peft"):
-                    raise ImportError(f"blocked for this test: {name}")
-                return None
-
-        sys.meta_path.insert(0, _BlockTorch())
-        """
-    )
-    code = blocker + textwrap.dedent(
+    proc = run_without_torch(
         f"""
         import numpy as np, onnxruntime as ort
         from edge_ad.runtime import load_bundle, preprocess
@@ -428,7 +414,6 @@ def test_bundle_loads_and_runs_with_torch_blocked(tmp_path: Path, onnx_bytes: by
         print("ok")
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
 

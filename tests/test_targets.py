@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
 from edge_ad.converters import targets as converter_targets
 from edge_ad.runtime import targets as rt_targets
 from edge_ad.runtime.targets import Target, UnknownTargetError, get_target, list_targets, register_target
+
+from torch_blocker import run_without_torch
 
 BUILTIN = ["jetson-orin", "jetson-xavier", "x86-tensorrt", "intel-cpu", "intel-gpu", "intel-npu", "onnx-cpu"]
 
@@ -112,23 +111,13 @@ def test_cli_targets_table_and_json(capsys):
 
 
 def test_cli_targets_runs_without_torch():
-    code = textwrap.dedent(
+    proc = run_without_torch(
         """
-        import sys, importlib.abc
-
-        class _BlockTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "torchvision", "timm", "peft"):
-                    raise ImportError(f"blocked for this test: {name}")
-                return None
-
-        sys.meta_path.insert(0, _BlockTorch())
         from edge_ad.cli.main import main
         assert main(["targets"]) == 0
         import edge_ad.converters.targets
         assert "torch" not in sys.modules
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "intel-npu" in proc.stdout

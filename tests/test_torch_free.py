@@ -3,45 +3,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
-# Installed before anything else in the child interpreter: any attempt to import torch (or a
-# torch-only library) fails loudly, exactly as on a machine where torch is not installed.
-_BLOCK_TORCH = textwrap.dedent(
-    """
-    import sys, importlib.abc
-
-    class _BlockTorch(importlib.abc.MetaPathFinder):
-        BLOCKED = ("torch", "torchvision", "timm", "peft")
-
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in self.BLOCKED:
-                raise ImportError(f"blocked for this test: {name}")
-            return None
-
-    sys.meta_path.insert(0, _BlockTorch())
-    """
-)
-
-
-def _run_without_torch(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", _BLOCK_TORCH + textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
+from torch_blocker import run_without_torch
 
 def test_blocker_really_blocks_torch():
     # Guards the guard: if the blocker silently stopped working, the tests below would prove nothing.
-    proc = _run_without_torch("import torch")
+    proc = run_without_torch("import torch")
     assert proc.returncode != 0
     assert "blocked for this test: torch" in proc.stderr
 
 
 def test_runtime_imports_without_torch():
-    proc = _run_without_torch(
+    proc = run_without_torch(
         """
         import numpy as np
         import edge_ad
@@ -58,8 +31,8 @@ def test_runtime_imports_without_torch():
     assert proc.stdout.startswith("ok")
 
 
-def test_device_cli_verbs_run_without_torch():
-    proc = _run_without_torch(
+def test_device_cli_verbsrun_without_torch():
+    proc = run_without_torch(
         """
         from edge_ad.cli.main import main
         assert main(["info"]) == 0
