@@ -21,6 +21,9 @@ def main(argv=None) -> int:
     parser.add_argument("--target", default="intel-cpu")
     parser.add_argument("--precision", default="int8")
     parser.add_argument("--data", required=True, help="dataset root holding the categories' test splits")
+    parser.add_argument("--synthetic-fraction", type=float, default=None,
+                        help="share of synthetic defects in calibration (default: edge_ad's default)")
+    parser.add_argument("--tag", default="", help="suffix for the bundle folder and the table file")
     parser.add_argument("--max-image-drop", type=float, default=1.0, help="allowed image AUROC drop, points")
     parser.add_argument("--max-pixel-drop", type=float, default=0.5, help="allowed pixel AUROC drop, points")
     args = parser.parse_args(argv)
@@ -37,8 +40,9 @@ def main(argv=None) -> int:
     failed = False
     for run in runs:
         category, method = run.parent.name, run.name
-        bundle = convert(run, args.target, demo_out / "bundles" / args.target / category / method,
-                         precision=args.precision, val_data=args.data, val_category=category)
+        bundle = convert(run, args.target, demo_out / "bundles" / f"{args.target}{args.tag}" / category / method,
+                         precision=args.precision, val_data=args.data, val_category=category,
+                         synthetic_fraction=args.synthetic_fraction)
         fid = load_bundle(bundle).fidelity
         i, p = fid["metrics"]["image_auroc"], fid["metrics"]["pixel_auroc"]
         lines.append(f"| {category} / {method} | {100 * i['reference']:.2f} | {100 * i['candidate']:.2f} | "
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
         failed |= -100 * i["delta"] > args.max_image_drop or -100 * p["delta"] > args.max_pixel_drop
     table = "\n".join(lines)
     print(table)
-    (demo_out / f"int8_{args.target}.md").write_text(table + "\n")
+    (demo_out / f"{args.precision}_{args.target}{args.tag}.md").write_text(table + "\n")
     return 1 if failed else 0
 
 

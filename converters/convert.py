@@ -137,6 +137,14 @@ def convert(
         hints = tgt.engine_hints(precision)
         runner = onnxruntime_runner(model_onnx)
 
+    thresholds = None
+    if training.get("data") and training.get("category"):
+        held_out = _held_out_good(Path(training["data"]), training["category"], training.get("images", []), 256)
+        if held_out:
+            maps, scores = runner(preprocess_batch(held_out, spec, color_order="rgb"))
+            thresholds = fit_thresholds(scores, maps[:, 0], target_fpr=threshold_fpr, pixel_fpr=threshold_fpr,
+                                        source=f"{len(held_out)} held-out good images of {training['category']}")
+
     if val_data is not None:
         from edge_ad.data import MVTecDataset
 
@@ -145,17 +153,9 @@ def convert(
     else:
         validation, description = calset.images, "calibration images (map agreement only)"
     report = fidelity_report(torch_runner(detector), runner, validation, spec=spec, format=f"{tgt.name}",
-                             precision=precision, description=description,
+                             precision=precision, description=description, thresholds=thresholds,
                              extra={"proxy": proxy_note} if proxy_note else None)
     print(report.table())
-
-    thresholds = None
-    if training.get("data") and training.get("category"):
-        held_out = _held_out_good(Path(training["data"]), training["category"], training.get("images", []), 256)
-        if held_out:
-            maps, scores = runner(preprocess_batch(held_out, spec, color_order="rgb"))
-            thresholds = fit_thresholds(scores, maps[:, 0], target_fpr=threshold_fpr, pixel_fpr=threshold_fpr,
-                                        source=f"{len(held_out)} held-out good images of {training['category']}")
 
     (work / "calibration.json").write_text(json.dumps(calset.to_manifest(), indent=2))
     artifacts["calibration.json"] = work / "calibration.json"

@@ -214,7 +214,10 @@ class FidelityReport:
         score: ``max_abs_error``, ``mean_abs_error``, ``pearson_r``, ``spearman_r``.
         metrics: ``{name: {"reference", "candidate", "delta"}}`` for the metrics the set supports.
         decisions: with thresholds: ``image_agreement`` (fraction of images with the same
-            good / anomalous decision) and ``pixel_agreement`` (fraction of pixels).
+            good / anomalous decision) and ``pixel_agreement`` (fraction of pixels); with labels
+            (and masks) also ``candidate_image_fpr`` / ``candidate_image_recall`` (and
+            ``candidate_pixel_fpr`` / ``candidate_pixel_recall``): what the converted model achieves
+            at those thresholds.
         worst_images: up to 5 ``{"file", "max_abs_map_error", "score_abs_error"}``, worst first.
         validation_set: ``{"files", "num_images", "hash", "description"}``; ``hash`` is sha256
             over the preprocessed input tensors (identical inputs <=> identical hash).
@@ -624,6 +627,16 @@ def fidelity_report(
             decisions["image_agreement"] = float(np.mean((r > it) == (c > it)))
         if pt is not None:
             decisions["pixel_agreement"] = float(np.mean((R > pt) == (C > pt)))
+        if y is not None and it is not None:
+            # What the deployed decisions achieve: the converted model at the stored thresholds.
+            from edge_ad.calibration.thresholds import evaluate_thresholds
+
+            achieved = evaluate_thresholds(thresholds, c, y, maps=C if has_pixels and pt is not None else None,
+                                           masks=M if has_pixels and pt is not None else None)
+            for key in ("image_fpr", "image_recall", "pixel_fpr", "pixel_recall"):
+                value = getattr(achieved, key)
+                if value is not None:
+                    decisions[f"candidate_{key}"] = float(value)
 
     fmt = format or str(getattr(candidate, "format", None) or getattr(cand_run, "format", None) or "unknown")
     prec = precision or str(getattr(candidate, "precision", None) or getattr(cand_run, "precision", None) or "unknown")

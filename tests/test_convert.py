@@ -39,6 +39,10 @@ def test_intel_cpu_int8_bundle(knn_run, real_root, tmp_path):
     # The conversion cost is measured and small: the INT8 map still tracks FP32.
     assert fidelity["map"]["pearson_r"] > 0.95
     assert abs(fidelity["metrics"]["pixel_auroc"]["delta"]) < 0.05
+    # The stored thresholds are evaluated on the labelled validation set: FPR / recall are reported.
+    decisions = fidelity["decisions"]
+    assert 0.0 <= decisions["candidate_image_fpr"] <= 1.0 and 0.0 <= decisions["candidate_pixel_recall"] <= 1.0
+    assert decisions["image_agreement"] >= 0.8
     # The bundle's IR runs and reproduces the stored fidelity's numbers on its own.
     spec = bundle.preprocess_spec
     test = MVTecDataset(real_root, CATEGORY, "test")
