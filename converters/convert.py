@@ -47,6 +47,7 @@ def convert(
     val_data: str | Path | None = None,
     val_category: str | None = None,
     threshold_fpr: float = 0.01,
+    max_map_error: float | None = None,
     tar: bool = False,
     seed: int = 0,
     progress: bool = True,
@@ -66,6 +67,10 @@ def convert(
             AUROC deltas need labels and masks); default = the calibration images (map errors only).
         threshold_fpr: image / pixel false-positive rate the stored thresholds are fitted at, on
             held-out good images of the run's category (the ones it did not train on).
+        max_map_error: INT8 fidelity budget as ``1 - cosine`` between the INT8 and FP32 anomaly maps
+            on the calibration images; when set, a sensitivity search keeps the most sensitive
+            blocks in floating point until it holds (:mod:`edge_ad.converters.sensitivity`), and
+            the conversion fails if even that cannot meet it (use fp16 then).
         tar: write one ``.tar`` file instead of a directory.
 
     Returns:
@@ -109,8 +114,19 @@ def convert(
     if tgt.engine == "openvino":
         from .openvino import convert_openvino, openvino_runner
 
-        ov = convert_openvino(onnx_fp32, work / "openvino", precision=precision, calibration_images=calset.images,
-                              transformer=transformer, device=tgt.device)
+        if precision == "int8" and max_map_error is not None:
+            from .openvino import QUANTIZABLE_SCOPES, VIT_QUANTIZABLE_SCOPES
+            from .sensitivity import openvino_quantizer
+
+            quantizer = openvino_quantizer(onnx_fp32, work / "search", calset.images, transformer=transformer,
+                                           device=tgt.device)
+            search = _search(quantizer, detector, onnx_fp32, calset.images, max_map_error, progress,
+                             include=VIT_QUANTIZABLE_SCOPES if transformer else QUANTIZABLE_SCOPES)
+            ov = quantizer.results[frozenset(search["excluded"])]
+            ov.quantization = {**(ov.quantization or {}), "sensitivity": search}
+        else:
+            ov = convert_openvino(onnx_fp32, work / "openvino", precision=precision,
+                                  calibration_images=calset.images, transformer=transformer, device=tgt.device)
         artifacts = {"model.onnx": onnx_fp32, "openvino/model.xml": ov.xml, "openvino/model.bin": ov.bin}
         hints = {"INFERENCE_PRECISION_HINT": ov.inference_precision_hint}
         quant_record = ov.quantization
@@ -120,12 +136,18 @@ def convert(
             proxy_note = f"measured on the host CPU (f32), not on {tgt.device}"
     else:
         model_onnx = onnx_fp32
-        if precision == "int8":
+        if precision == "int8" and max_map_error is not None:
+            from .sensitivity import qdq_quantizer
+
+            quantizer = qdq_quantizer(onnx_fp32, work / "search", calset.images)
+            search = _search(quantizer, detector, onnx_fp32, calset.images, max_map_error, progress)
+            model_onnx = quantizer.artifact(search["excluded"])
+            quant_record = {**quantizer.results[frozenset(search["excluded"])].to_dict(), "sensitivity": search}
+        elif precision == "int8":
             from .qdq import quantize_qdq
 
             model_onnx = work / "model_qdq.onnx"
-            result = quantize_qdq(onnx_fp32, model_onnx, calset.images)
-            quant_record = result.to_dict() if hasattr(result, "to_dict") else {"tool": "qdq"}
+            quant_record = quantize_qdq(onnx_fp32, model_onnx, calset.images).to_dict()
         if tgt.engine == "tensorrt":
             from .trt_check import check_tensorrt_compatible
 
@@ -177,6 +199,24 @@ def convert(
     path = write_bundle(out, manifest, artifacts, fidelity=fid, tar=tar)
     print(f"[convert] bundle written to {path}")
     return path
+
+
+def _search(quantizer, detector, onnx_path: Path, images: np.ndarray, max_error: float, progress: bool,
+            include=None) -> dict[str, Any]:
+    """Sensitivity search for an INT8 budget; raises when even the best mix cannot meet it."""
+    from .fidelity import torch_runner
+    from .sensitivity import group_quantizable_nodes, sensitivity_search
+
+    groups = group_quantizable_nodes(onnx_path, include=include) if include else group_quantizable_nodes(onnx_path)
+    result = sensitivity_search(torch_runner(detector), quantizer, images, groups, max_error=max_error,
+                                progress=progress)
+    print(f"[convert] sensitivity search: INT8 map error {result.baseline_error:.4g} -> {result.error:.4g} "
+          f"(budget {max_error:.4g}) keeping {len(result.excluded)} of {len(groups)} blocks in float")
+    if not result.budget_met:
+        raise ValueError(f"INT8 cannot meet the fidelity budget (1 - map cosine <= {max_error}): the best mix "
+                         f"reached {result.error:.4g} with {list(result.excluded)} in float; convert with "
+                         "--precision fp16 or relax --max-map-error")
+    return result.to_dict()
 
 
 def _fidelity_summary(report: dict[str, Any]) -> dict[str, float]:

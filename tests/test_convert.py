@@ -117,3 +117,11 @@ def test_cli_convert_jetson_orin_int8_writes_qdq_bundle_here(knn_run, real_root,
     maps, scores = onnxruntime_runner(model_path)(np.zeros((2, 3, 64, 64), np.float32))
     assert maps.shape == (2, 1, 64, 64) and np.isfinite(scores).all()
     assert "onnxruntime" in bundle.fidelity["extra"]["proxy"]
+
+
+def test_fidelity_budget_runs_the_sensitivity_search(knn_run, tmp_path):
+    path = convert(knn_run, "onnx-cpu", tmp_path / "budget", precision="int8", calib_count=8, max_map_error=0.5)
+    quant = load_bundle(path).manifest.info["quantization"]
+    search = quant["sensitivity"]
+    assert search["budget_met"] and search["excluded"] == []  # a loose budget keeps everything INT8
+    assert search["baseline_error"] <= 0.5 and search["conversions"] == 1

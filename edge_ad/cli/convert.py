@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-category", default=None, help="category in --val-data (default: the run's)")
     parser.add_argument("--threshold-fpr", type=float, default=0.01,
                         help="false-positive rate of the stored thresholds (held-out good images)")
+    parser.add_argument("--max-map-error", type=float, default=None,
+                        help="INT8 fidelity budget (1 - map cosine vs FP32 on the calibration images): a "
+                        "sensitivity search keeps the most sensitive blocks in float until it holds")
     parser.add_argument("--tar", action="store_true", help="write one .tar file")
     parser.add_argument("--out", required=True, help="bundle directory (or .tar with --tar)")
 
@@ -27,5 +30,6 @@ def run(args: argparse.Namespace) -> int:
 
     convert(args.run_dir, args.target, args.out, precision=args.precision, calib=args.calib,
             calib_count=args.calib_count, synthetic_fraction=args.synthetic_fraction, val_data=args.val_data,
-            val_category=args.val_category, threshold_fpr=args.threshold_fpr, tar=args.tar)
+            val_category=args.val_category, threshold_fpr=args.threshold_fpr,
+            max_map_error=args.max_map_error, tar=args.tar)
     return 0
