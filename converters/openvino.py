@@ -194,16 +194,25 @@ def _quantize(model, calibration_images, *, transformer, quantizable_scopes, acc
 
     val_images = np.ascontiguousarray(accuracy_control.images, dtype=np.float32)
 
-    def validate(compiled_model, data) -> float:
+    def validate(compiled_model, data):
         maps, scores = [], []
         for x in data:
             out = compiled_model(x)
             maps.append(np.asarray(out[0])[:, 0])
             scores.append(np.asarray(out[1]).reshape(-1))
-        return float(accuracy_control.metric(np.concatenate(maps), np.concatenate(scores)))
+        if len(maps) != len(val_images):
+            # NNCF probes with one item (and, in its "metric" mode, would rank quantizers by per-item
+            # metrics). A set-level metric (pixel AUROC against the masks of *all* images) has no
+            # per-item value: (None, None) puts NNCF in its "logits" mode, which ranks quantizers by
+            # how much they change the outputs and calls this only with the whole validation set.
+            return None, None
+        return float(accuracy_control.metric(np.concatenate(maps), np.concatenate(scores))), None
 
+    # Items stored already batched (1, 3, H, W) and no transform: NNCF hands ``validate`` the raw
+    # items (Dataset.get_data), not the transformed ones, so a transform would never reach it.
+    val_dataset = nncf.Dataset([image[None] for image in val_images])
     quantized = nncf.quantize_with_accuracy_control(
-        model, dataset, nncf.Dataset(list(val_images), lambda x: x[None]), validate,
+        model, dataset, val_dataset, validate,
         max_drop=accuracy_control.max_drop, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
     record["accuracy_control"] = {"max_drop": accuracy_control.max_drop, "num_validation_images": len(val_images)}
     return quantized, record

@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "metrics, JSON report and overlays of a run on a test split"),
     "targets": ("targets", "deployment targets: engine, device, precisions, DLA, OpenVINO hint (torch-free)"),
     "convert": ("convert", "run directory -> deployment bundle for a target (ONNX, OpenVINO, TensorRT Q/DQ)"),
+    "build-engine": ("build_engine", "build / reuse the TensorRT engine of a bundle on the device (torch-free)"),
 }
 
 
