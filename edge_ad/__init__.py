@@ -22,6 +22,7 @@ _LAZY = {
     "evaluate": "edge_ad.evaluation",
     "convert": "edge_ad.converters.convert",
     "preprocess": "edge_ad.runtime",
+    "Detector": "edge_ad.runtime",
 }
 
 __all__ = ["__version__", *_LAZY]

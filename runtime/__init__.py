@@ -5,6 +5,8 @@ Nothing in this package imports torch, directly or indirectly; a test enforces i
 from __future__ import annotations
 
 from ._cv import cv2_available, require_cv2
+from .detector import Detector
+from .result import Region, Result
 from .bundle import Bundle, BundleError, Manifest, load_bundle, update_manifest, write_bundle
 from .image_io import IMAGE_SUFFIXES, is_image_file, read_image, read_mask
 from .preprocessing import extension_available, preprocess, preprocess_batch
@@ -14,6 +16,9 @@ from .targets import Target, get_target, list_targets, register_target
 __all__ = [
     "IMAGE_SUFFIXES",
     "Bundle",
+    "Detector",
+    "Region",
+    "Result",
     "BundleError",
     "Manifest",
     "PreprocessSpec",

@@ -1,0 +1,59 @@
+"""What :meth:`edge_ad.runtime.Detector.predict` returns for one frame."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["Region", "Result"]
+
+
+class Region(NamedTuple):
+    """One connected defect region (8-connectivity) of :attr:`Result.defect_mask`.
+
+    ``x, y, w, h`` is the bounding box in *full-frame* pixels (the ROI offset is added, so it can be
+    drawn on the camera frame as is); ``area_px`` counts mask pixels; ``peak`` is the highest raw
+    map value inside the region.
+    """
+
+    x: int
+    y: int
+    w: int
+    h: int
+    area_px: int
+    peak: float
+
+
+@dataclass
+class Result:
+    """Detector output for one frame.
+
+    Attributes:
+        anomaly_map: (H, W) float32 in [0, 1] for display, at the ROI's (or frame's) resolution:
+            ``clip(raw_map / (2 * pixel_threshold), 0, 1)``, so the pixel threshold maps to 0.5 and
+            normal pixels (raw ~0 after the model's built-in normalisation) to ~0. Without a
+            calibrated ``pixel_threshold`` (or one <= 0), 3.0 stands in for it.
+        raw_map: (H, W) float32 model map (in the model's normalised units, the units of the
+            bundle thresholds), resized bilinearly to the ROI's (or frame's) resolution.
+        model_map: (h, w) float32 model map at the model's input resolution, unresized (for exact
+            comparison with the training-side pipeline).
+        score: the model's image score (raw model output, float).
+        is_anomalous: ``score > thresholds.image_threshold``; None when the bundle has no image threshold.
+        defect_mask: (H, W) bool, ``raw_map > thresholds.pixel_threshold``; None without a pixel threshold.
+        regions: connected components of ``defect_mask`` (:class:`Region` tuples, largest first);
+            ``[]`` without a pixel threshold, None when the detector was loaded with ``regions=False``.
+        roi: the ``(x, y, w, h)`` crop the frame was taken from, or None for the whole frame.
+        timings: milliseconds: ``preprocess``, ``infer``, ``postprocess`` (for ``predict_batch``,
+            ``preprocess`` and ``infer`` are for the whole batch call, ``postprocess`` for this frame).
+    """
+
+    anomaly_map: np.ndarray
+    raw_map: np.ndarray
+    model_map: np.ndarray
+    score: float
+    is_anomalous: bool | None
+    defect_mask: np.ndarray | None
+    regions: list[Region] | None
+    roi: tuple[int, int, int, int] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
