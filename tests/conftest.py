@@ -24,3 +24,14 @@ def real_root() -> Path:
             "or set EDGE_AD_REAL_DATA to the folder holding mvtec_hazelnut_256/ etc."
         )
     return root
+
+
+@pytest.fixture(scope="session")
+def knn_run(real_root, tmp_path_factory) -> Path:
+    """One tiny knn run shared by the conversion, engine and runtime tests: real EfficientNet-Lite0
+    weights, 4 real hazelnut shots, 64 px input (fits and converts in seconds). Read-only for tests."""
+    from edge_ad.training import train
+
+    out = tmp_path_factory.mktemp("shared_runs") / "knn"
+    return train("knn", "efficientnet_lite0", real_root, "mvtec_hazelnut_256", out, shots=4, image_size=64,
+                 device="cpu", progress=False)

@@ -19,19 +19,11 @@ from edge_ad.converters.convert import convert
 from edge_ad.converters.engine import build_bundle_engine
 from edge_ad.converters.tensorrt import TENSORRT_MISSING, BuildOptions, DeviceInfo, engine_cache_key, find_cached_engine
 from edge_ad.runtime import load_bundle
-from edge_ad.training import train
 from test_tensorrt import _fake_cudart, _FakeTensorRT  # the TensorRT 10 stub (not TensorRT)
 from torch_blocker import run_without_torch
 
 CATEGORY = "mvtec_hazelnut_256"
 ORIN = DeviceInfo("10.3.0", "8.7")
-
-
-@pytest.fixture(scope="module")
-def knn_run(real_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "knn"
-    return train("knn", "efficientnet_lite0", real_root, CATEGORY, out, shots=4, image_size=64, device="cpu",
-                 progress=False)
 
 
 @pytest.fixture(scope="module")

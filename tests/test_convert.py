@@ -12,17 +12,8 @@ from edge_ad.converters.openvino import convert_openvino, openvino_runner
 from edge_ad.data import MVTecDataset
 from edge_ad.methods import build_detector
 from edge_ad.runtime import load_bundle, preprocess_batch
-from edge_ad.training import train
 
 CATEGORY = "mvtec_hazelnut_256"
-
-
-@pytest.fixture(scope="module")
-def knn_run(real_root, tmp_path_factory):
-    """knn on real EfficientNet-Lite0 weights, 4 real shots, 64 px: small enough to convert in seconds."""
-    out = tmp_path_factory.mktemp("runs") / "knn"
-    return train("knn", "efficientnet_lite0", real_root, CATEGORY, out, shots=4, image_size=64, device="cpu",
-                 progress=False)
 
 
 def test_intel_cpu_int8_bundle(knn_run, real_root, tmp_path):

@@ -13,29 +13,20 @@ from edge_ad.converters.convert import convert
 from edge_ad.converters.openvino import openvino_runner
 from edge_ad.data import MVTecDataset
 from edge_ad.runtime import Detector, Region, Result, load_bundle, preprocess_batch, read_image, update_manifest
-from edge_ad.training import train
 from torch_blocker import run_without_torch
 
 CATEGORY = "mvtec_hazelnut_256"
 
 
 @pytest.fixture(scope="module")
-def run_dir(real_root, tmp_path_factory):
-    """A tiny knn run (real EfficientNet-Lite0 weights, 4 real shots, 64 px input)."""
-    out = tmp_path_factory.mktemp("det_runs") / "knn"
-    return train("knn", "efficientnet_lite0", real_root, CATEGORY, out, shots=4, image_size=64, device="cpu",
-                 progress=False)
-
-
-@pytest.fixture(scope="module")
-def onnx_bundle(run_dir, real_root, tmp_path_factory):
-    return convert(run_dir, "onnx-cpu", tmp_path_factory.mktemp("det_b") / "onnx", precision="fp32", calib_count=8,
+def onnx_bundle(knn_run, real_root, tmp_path_factory):
+    return convert(knn_run, "onnx-cpu", tmp_path_factory.mktemp("det_b") / "onnx", precision="fp32", calib_count=8,
                    val_data=real_root, progress=False)
 
 
 @pytest.fixture(scope="module")
-def ov_bundle(run_dir, real_root, tmp_path_factory):
-    return convert(run_dir, "intel-cpu", tmp_path_factory.mktemp("det_b") / "ov", precision="int8",
+def ov_bundle(knn_run, real_root, tmp_path_factory):
+    return convert(knn_run, "intel-cpu", tmp_path_factory.mktemp("det_b") / "ov", precision="int8",
                    calib=real_root / CATEGORY, calib_count=8, val_data=real_root, progress=False)
 
 
@@ -60,13 +51,13 @@ def _same(a: Result, b: Result) -> None:
     assert a.score == b.score and a.is_anomalous == b.is_anomalous and a.regions == b.regions
 
 
-def test_onnx_fp32_matches_pytorch_pipeline(onnx_det, run_dir, test_set):
+def test_onnx_fp32_matches_pytorch_pipeline(onnx_det, knn_run, test_set):
     from edge_ad.evaluation import predict_dataset
     from edge_ad.methods import load_detector
 
     assert onnx_det.engine.name == "onnxruntime" and onnx_det.engine.device == "CPU"
     spec = onnx_det.bundle.preprocess_spec
-    ref = predict_dataset(load_detector(run_dir), test_set, spec, progress=False)
+    ref = predict_dataset(load_detector(knn_run), test_set, spec, progress=False)
     thr = onnx_det.bundle.thresholds
     assert thr is not None and thr.image_threshold is not None and thr.pixel_threshold is not None
     for i, frame in enumerate(_frames(test_set)):
@@ -227,8 +218,8 @@ def test_engine_choice_errors(onnx_bundle, monkeypatch):
         Detector.load(bundle, device="NPU")
 
 
-def test_tensorrt_bundle_is_not_supported_yet(run_dir, tmp_path):
-    path = convert(run_dir, "jetson-orin", tmp_path / "orin", precision="fp16", calib_count=8, progress=False)
+def test_tensorrt_bundle_is_not_supported_yet(knn_run, tmp_path):
+    path = convert(knn_run, "jetson-orin", tmp_path / "orin", precision="fp16", calib_count=8, progress=False)
     with pytest.raises(NotImplementedError, match="edge-ad build-engine"):
         Detector.load(path)
 
