@@ -20,7 +20,12 @@ How a method is trained is declared by ``fit_mode`` (a class attribute):
     ``DistributedDataParallel`` wrapper sees the call.
 ``"memory"`` (e.g. knn)
     No optimiser: ``detector.fit(good_image_batches)`` builds the state (a memory bank).
-``"none"`` (zero-shot)
+``"supervised"`` (zero-shot methods: AnomalyVFM, VisualAD, AVA-DINO)
+    Trained on auxiliary categories with pixel masks (real test splits and / or synthetic anomalies)
+    by :mod:`edge_ad.training.supervised`, then applied to categories never seen. The method's
+    ``METHOD`` entry provides ``loss_fn(model, SupervisedBatch)`` (and optionally
+    ``param_groups``); ``forward(images, train_outputs=True)`` returns what that loss needs.
+``"none"``
     Nothing to fit beyond the normalisation.
 
 Every method then calls ``detector.fit_normalization(good_image_batches)`` (ideally on good images
@@ -50,7 +55,7 @@ __all__ = [
 ]
 
 #: How a method is trained; see the module docstring.
-FIT_MODES = ("gradient", "memory", "none")
+FIT_MODES = ("gradient", "memory", "supervised", "none")
 
 
 class DetectorOutput(NamedTuple):

@@ -7,6 +7,7 @@ so listing methods or reading a config never imports every method's dependencies
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,16 +31,22 @@ class MethodEntry:
         config_class: its :class:`MethodConfig` subclass.
         detector_class: its :class:`AnomalyDetector` subclass.
         description: one line for ``edge-ad info`` / docs.
+        loss_fn: ``(model, SupervisedBatch) -> scalar loss`` of a ``"supervised"`` method (the
+            zero-shot protocol of :mod:`edge_ad.training.supervised`); None for the others.
+        param_groups: ``(detector, base_lr) -> [{"params", "lr", optional "grad_clip"}, ...]``
+            optimiser groups of a supervised method; None = one group at the config's lr.
     """
 
     name: str
     config_class: type[MethodConfig]
     detector_class: type[AnomalyDetector]
     description: str = ""
+    loss_fn: Callable[..., Any] | None = None
+    param_groups: Callable[..., list[dict[str, Any]]] | None = None
 
     @property
     def fit_mode(self) -> str:
-        """``"gradient"``, ``"memory"`` or ``"none"`` (see :mod:`edge_ad.methods.base`)."""
+        """``"gradient"``, ``"memory"``, ``"supervised"`` or ``"none"`` (see :mod:`edge_ad.methods.base`)."""
         return self.detector_class.fit_mode
 
 

@@ -1,4 +1,5 @@
-"""``edge_ad.train``: fit a detector on the good images of one category (few-shot or full-shot).
+"""``edge_ad.train``: fit a detector on the good images of one category (few-shot or full-shot), or
+train a zero-shot detector on auxiliary categories (:mod:`edge_ad.training.supervised`).
 
 The CLI verb ``edge-ad train`` is a thin wrapper over :func:`train`; both take the same arguments.
 Under ``torchrun --nproc_per_node N`` the same call trains with DDP (rank 0 writes the run).
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +90,49 @@ def _fit_gradient(
                                                    "batch_size": batch_size, "steps": steps}}
 
 
+def _train_supervised(
+    detector: AnomalyDetector,
+    entry: Any,
+    data: str | Path | Sequence[str | Path],
+    categories: list[str],
+    out: Path,
+    *,
+    synthetic_fraction: float,
+    holdout_fraction: float,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+    **fit_kwargs: Any,
+) -> dict[str, Any]:
+    """The zero-shot protocol: train on auxiliary categories, score the held-back part, fit the normaliser."""
+    from .supervised import evaluate_holdout, fit_supervised, good_image_batches, load_auxiliary
+
+    t0 = time.perf_counter()
+    aux = load_auxiliary(data, categories or None, holdout_fraction=holdout_fraction, seed=seed)
+    roots = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
+    training: dict[str, Any] = {"protocol": "zero-shot (supervised on auxiliary categories)", "data": roots,
+                                "split": aux.summary(), "seed": seed, "device": str(device)}
+    training.update(fit_supervised(detector, aux, out, loss_fn=entry.loss_fn, param_groups=entry.param_groups,
+                                   synthetic_fraction=synthetic_fraction, seed=seed, device=device,
+                                   progress=progress, **fit_kwargs))
+    # Normalise with good images the loss never saw as targets: train/good were only synthesis bases.
+    training["normalization"] = detector.fit_normalization(
+        [b.to(device) for b in good_image_batches(detector, aux)], progress=progress)
+    training["holdout"] = evaluate_holdout(detector, aux, seed=seed)
+    training["seconds"] = round(time.perf_counter() - t0, 2)
+    return training
+
+
 def train(
     method: str,
     backbone: str,
-    data: str | Path,
-    category: str,
+    data: str | Path | Sequence[str | Path],
+    category: str | None,
     out: str | Path,
     *,
+    categories: Sequence[str] | None = None,
+    synthetic_fraction: float | None = None,
+    holdout_fraction: float = 0.2,
     shots: int | None = 8,
     weights: str | Path | None = None,
     pretrained: bool = True,
@@ -116,7 +154,15 @@ def train(
     Args:
         method: registry name (``"foundad"``, ``"knn"``; see ``edge_ad.methods.list_methods()``).
         backbone: backbone registry name (``"efficientnet_lite0"``, ``"dinov3_vitb16"``, ...).
-        data: dataset root (MVTec layout); ``category`` is a folder in it.
+        data: dataset root (MVTec layout); ``category`` is a folder in it. Zero-shot
+            (``fit_mode == "supervised"``) methods accept several roots.
+        category: the category to fit (few-shot / memory methods); zero-shot methods take
+            ``categories`` instead (``category`` alone counts as a one-element list).
+        categories: auxiliary categories of a zero-shot method (None = every category in ``data``).
+        synthetic_fraction: zero-shot methods: share of each batch that is an on-the-fly
+            CutPaste / Perlin anomaly on a good image (default 0.5; 1.0 = synthetic only).
+        holdout_fraction: zero-shot methods: share of each category's samples held back and
+            scored at the end (``train_log.json["holdout"]``).
         out: run directory to write (``model.safetensors``, ``config.yaml``, ``train_log.json``).
         shots: number of good images to use (k-shot, sampled with ``seed``); None = all of them.
         weights: local backbone weights file (``.safetensors`` / ``.pth``); overrides ``pretrained``.
@@ -138,6 +184,15 @@ def train(
     """
     out = Path(out)
     entry = get_method(method)
+    if entry.fit_mode != "supervised":
+        if category is None:
+            raise ValueError(f"method {method!r} fits one category: pass category (--category)")
+        if not isinstance(data, (str, Path)):
+            raise ValueError(f"method {method!r} takes one dataset root, got {len(data)}")
+        if categories:
+            raise ValueError(f"method {method!r} fits one category; --categories is for zero-shot methods")
+    elif entry.loss_fn is None:
+        raise RuntimeError(f"method {method!r} is supervised but its METHOD entry has no loss_fn")
     options = dict(method_options or {})
     spec_fields: dict[str, Any] = {"name": backbone, "pretrained": bool(pretrained and weights is None),
                                    "weights": str(weights) if weights is not None else None,
@@ -146,7 +201,7 @@ def train(
     same_family = default_spec.name == backbone
     spec_fields["layers"] = tuple(layers) if layers is not None else (default_spec.layers if same_family else None)
     spec_fields["img_size"] = image_size if image_size is not None else (default_spec.img_size if same_family else None)
-    if resume and not (out / TRAIN_STATE_FILE).is_file() and entry.fit_mode == "gradient":
+    if resume and not (out / TRAIN_STATE_FILE).is_file() and entry.fit_mode in ("gradient", "supervised"):
         raise FileNotFoundError(f"cannot resume: {out / TRAIN_STATE_FILE} not found; run without --resume first")
     if not resume and (out / MODEL_FILE).exists():
         raise FileExistsError(f"{out} already holds a trained run ({MODEL_FILE}); choose another --out or pass --resume")
@@ -157,6 +212,17 @@ def train(
     try:
         detector = build_detector(method, backbone=BackboneSpec(**spec_fields), **options).to(dev)
         cfg = detector.config
+        if entry.fit_mode == "supervised":
+            training = _train_supervised(
+                detector, entry, data, list(categories or ([category] if category else [])), out,
+                synthetic_fraction=0.5 if synthetic_fraction is None else float(synthetic_fraction),
+                holdout_fraction=holdout_fraction, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                device=dev, resume=resume, amp=amp, dist_ctx=dist_ctx, progress=progress)
+            if dist_ctx.is_main:
+                save_checkpoint(detector, out, training=training)
+                (out / TRAIN_LOG_FILE).write_text(json.dumps(training, indent=2))
+            barrier(dist_ctx)
+            return out
         images, image_paths = _load_good_images(data, category, shots, seed)
         t0 = time.perf_counter()
         training: dict[str, Any] = {"data": str(data), "category": category, "shots": shots, "seed": seed,

@@ -7,6 +7,11 @@ Methods plug in two callables instead of subclassing a trainer:
   randomness is seeded from ``(seed, step, rank)``), so resuming needs no data-loader state and
   a resumed run reproduces an uninterrupted one exactly.
 * ``loss_fn(model, batch) -> scalar tensor``: the method's loss (which lives beside the method).
+* optionally ``param_groups(model) -> [{"params": [...], "lr": float, "grad_clip": float}, ...]``:
+  per-group learning rates (scaled by the schedule) and per-group gradient clipping.
+
+With ``FitConfig.accumulate = n`` one optimiser step sums the gradients of ``n`` micro-batches
+``make_batch(step * n + i, rank)``, i = 0..n-1 (still step-addressable, so resume stays exact).
 
 Only parameters with ``requires_grad`` are optimised and checkpointed here: frozen backbones stay
 out of optimiser state and out of ``train_state.pt``.
@@ -27,6 +32,8 @@ from torch import nn
 from .distributed import DistContext, all_reduce_mean, barrier
 
 TRAIN_STATE_FILE = "train_state.pt"
+#: The logged loss curve (``step,loss`` CSV, mean over ``log_every`` steps), rewritten at every save.
+LOSS_CURVE_FILE = "loss_curve.csv"
 
 
 @dataclass
@@ -41,6 +48,8 @@ class FitConfig:
         seed: base seed; batch ``s`` on rank ``r`` is seeded from ``(seed, s, r)``.
         amp: mixed precision on CUDA (bf16 when supported, else fp16 with a grad scaler); ignored on CPU.
         checkpoint_every: steps between ``train_state.pt`` writes (always written at the end).
+        accumulate: micro-batches per optimiser step (gradient accumulation; effective batch =
+            micro-batch x accumulate x world size).
     """
 
     steps: int = 300
@@ -53,8 +62,11 @@ class FitConfig:
     amp: bool = True
     checkpoint_every: int = 100
     log_every: int = 10
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
+        if self.accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1 micro-batch per step, got {self.accumulate}")
         if self.steps <= 0:
             raise ValueError(f"steps must be positive, got {self.steps}")
         if self.lr <= 0:
@@ -72,6 +84,12 @@ class FitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def write_loss_curve(path: Path, losses: list[tuple[int, float]]) -> None:
+    """Write ``losses`` [(step, loss), ...] as a two-column CSV (header ``step,loss``)."""
+    lines = ["step,loss"] + [f"{int(step)},{float(loss):.6g}" for step, loss in losses]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -97,6 +115,35 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def _build_groups(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    cfg: FitConfig,
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None,
+) -> list[dict[str, Any]]:
+    """Validated optimiser groups: every trainable parameter exactly once, lr > 0, grad_clip >= 0."""
+    if param_groups is None:
+        return [{"params": list(params.values()), "lr": cfg.lr, "grad_clip": 0.0}]
+    groups = []
+    seen: set[int] = set()
+    for i, g in enumerate(param_groups(model)):
+        ps = [p for p in g["params"] if p.requires_grad]
+        lr = float(g.get("lr", cfg.lr))
+        clip = float(g.get("grad_clip", 0.0) or 0.0)
+        if lr <= 0 or clip < 0:
+            raise ValueError(f"param group {i}: lr must be > 0 and grad_clip >= 0, got lr={lr}, grad_clip={clip}")
+        for p in ps:
+            if id(p) in seen:
+                raise ValueError(f"param group {i} repeats a parameter already in an earlier group")
+            seen.add(id(p))
+        if ps:
+            groups.append({"params": ps, "lr": lr, "grad_clip": clip})
+    missing = [n for n, p in params.items() if id(p) not in seen]
+    if missing:
+        raise ValueError(f"param_groups left trainable parameters out of every group: {missing[:5]}")
+    return groups
+
+
 def _autocast(device: torch.device, enabled: bool):
     if not enabled or device.type != "cuda":
         return contextlib.nullcontext(), None
@@ -117,6 +164,7 @@ def fit(
     dist_ctx: DistContext | None = None,
     progress: bool = True,
     description: str = "train",
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
 ) -> FitResult:
     """Optimise ``model``'s trainable parameters.
 
@@ -128,6 +176,8 @@ def fit(
         run_dir: where ``train_state.pt`` is written (rank 0 only).
         resume: continue from ``run_dir/train_state.pt`` (error if absent).
         dist_ctx: from :func:`edge_ad.training.distributed.init_distributed`; DDP when world_size > 1.
+        param_groups: ``model -> list of {"params", "lr", optional "grad_clip"}``; every trainable
+            parameter must be in exactly one group. None = one group at ``cfg.lr``.
 
     Returns:
         :class:`FitResult` with the logged loss curve.
@@ -136,7 +186,10 @@ def fit(
     run_dir = Path(run_dir)
     state_path = run_dir / TRAIN_STATE_FILE
     params = _trainable(model)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = _build_groups(model, params, cfg, param_groups)
+    optimizer = torch.optim.AdamW(
+        [{"params": g["params"], "lr": g["lr"]} for g in groups], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     autocast, scaler = _autocast(device, cfg.amp)
 
     start_step = 0
@@ -183,6 +236,7 @@ def fit(
             tmp,
         )
         tmp.replace(state_path)  # atomic: an interrupted write never corrupts the last good state
+        write_loss_curve(run_dir / LOSS_CURVE_FILE, result.losses)
 
     bar = None
     if progress and dist_ctx.is_main:
@@ -194,19 +248,29 @@ def fit(
     running = 0.0
     for step in range(start_step, cfg.steps):
         torch.manual_seed(step_seed(cfg.seed, step, dist_ctx.rank))  # dropout etc. reproducible on resume
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(step, cfg)
-        batch = make_batch(step, dist_ctx.rank)
-        with autocast:
-            loss = loss_fn(train_model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+        for group, spec in zip(optimizer.param_groups, groups):
+            group["lr"] = spec["lr"] * _lr_factor(step, cfg)
         optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.accumulate):
+            batch = make_batch(step * cfg.accumulate + micro, dist_ctx.rank)
+            # DDP all-reduces on every backward; skipping it for all but the last micro-batch is an
+            # optimisation only (gradients are identical), so keep it simple and correct.
+            with autocast:
+                loss = loss_fn(train_model, batch) / cfg.accumulate
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            loss_sum += loss.detach().float()
+        loss = loss_sum
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        else:
-            loss.backward()
+        for spec in groups:
+            if spec["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(spec["params"], spec["grad_clip"])
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         if scaler is not None:
