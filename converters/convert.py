@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,10 @@ def convert(
         val_data, val_category: an MVTec-layout test split to measure fidelity on (image and pixel
             AUROC deltas need labels and masks); default = the calibration images (map errors only).
         threshold_fpr: image / pixel false-positive rate the stored thresholds are fitted at, on
-            held-out good images of the run's category (the ones it did not train on).
+            held-out good images of the deployment category: the run's category minus the images
+            it trained on (few-shot), or ``val_data / val_category``'s good images (zero-shot runs,
+            which record no single category). Without either the bundle has no thresholds (a
+            warning says so; calibrate on site with ``edge-ad calibrate``).
         max_map_error: INT8 fidelity budget as ``1 - cosine`` between the INT8 and FP32 anomaly maps
             on the calibration images; when set, a sensitivity search keeps the most sensitive
             blocks in floating point until it holds (:mod:`edge_ad.converters.sensitivity`), and
@@ -96,10 +100,22 @@ def convert(
     spec = detector.preprocess_spec
     transformer = not detector.backbone.info.name.startswith("efficientnet")
 
+    # Few-shot runs deploy on the category they were fitted on; zero-shot runs (trained on auxiliary
+    # categories) deploy on another one, named by val_data / val_category: its good images then
+    # serve as calibration set and threshold set (the run never saw them).
+    few_shot = bool(training.get("category")) and isinstance(training.get("data"), str)
+    if few_shot:
+        deploy_data, deploy_category = Path(training["data"]), training["category"]
+    elif val_data is not None and val_category:
+        deploy_data, deploy_category = Path(val_data), val_category
+    else:
+        deploy_data = deploy_category = None
     if calib is None:
-        if not training.get("data") or not training.get("category"):
-            raise ValueError("pass calib=DIR: the run does not record its training data")
-        calib = Path(training["data"]) / training["category"]
+        if deploy_data is None:
+            raise ValueError("pass calib=DIR (good images of the deployment category): the run does not record "
+                             "one training category (a zero-shot run? then val_data / val_category name the "
+                             "deployment category and supply both calibration and threshold images)")
+        calib = deploy_data / deploy_category
     kwargs: dict[str, Any] = {"count": calib_count, "seed": seed}
     if synthetic_fraction is not None:
         kwargs["synthetic_fraction"] = synthetic_fraction
@@ -160,12 +176,17 @@ def convert(
         runner = onnxruntime_runner(model_onnx)
 
     thresholds = None
-    if training.get("data") and training.get("category"):
-        held_out = _held_out_good(Path(training["data"]), training["category"], training.get("images", []), 256)
+    if deploy_data is not None:
+        exclude = training.get("images", []) if few_shot else []
+        held_out = _held_out_good(deploy_data, deploy_category, exclude, 256)
         if held_out:
             maps, scores = runner(preprocess_batch(held_out, spec, color_order="rgb"))
             thresholds = fit_thresholds(scores, maps[:, 0], target_fpr=threshold_fpr, pixel_fpr=threshold_fpr,
-                                        source=f"{len(held_out)} held-out good images of {training['category']}")
+                                        source=f"{len(held_out)} held-out good images of {deploy_category}")
+    if thresholds is None:
+        warnings.warn(f"{run_dir}: no held-out good images of the deployment category, so the bundle has no "
+                      "thresholds (Result.is_anomalous stays None); pass val_data / val_category, or calibrate on "
+                      "site: edge-ad calibrate BUNDLE --source GOOD_FRAMES", UserWarning, stacklevel=2)
 
     if val_data is not None:
         from edge_ad.data import MVTecDataset

@@ -30,7 +30,10 @@ QUANTIZABLE_SCOPES = (r"/backbone/", r"/projector/")
 #: projector; patch embedding, norms, attention products and the residual stream stay in floating
 #: point. On a random-init DINOv3 ViT-S (LayerScale 1.0) this took the INT8 map cosine against FP32
 #: from 0.977 (whole encoder) to 0.995.
-VIT_QUANTIZABLE_SCOPES = (r"/backbone/blocks\.\d+/(attn/(qkv|proj)|mlp/fc\w*)/", r"/projector/")
+#: ``/blocks.N/``: methods that run the ViT's blocks from their own forward (VisualAD inserts tokens
+#: into the sequence) get top-level block scopes in the export.
+VIT_QUANTIZABLE_SCOPES = (r"/backbone/blocks\.\d+/(attn/(qkv|proj)|mlp/fc\w*)/", r"/projector/",
+                          r"/blocks\.\d+/(attn/(qkv|proj)|mlp/fc\w*)/")
 
 
 def _require_openvino():

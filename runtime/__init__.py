@@ -1,4 +1,4 @@
-"""edge_ad.runtime: the torch-free runtime (preprocessing, engines, detector).
+"""edge_ad.runtime: the torch-free runtime (preprocessing, engines, detector, streaming, calibration).
 
 Nothing in this package imports torch, directly or indirectly; a test enforces it.
 """
@@ -12,6 +12,11 @@ from .image_io import IMAGE_SUFFIXES, is_image_file, read_image, read_mask
 from .preprocessing import extension_available, preprocess, preprocess_batch
 from .preprocess_spec import PreprocessSpec
 from .targets import Target, get_target, list_targets, register_target
+from .calibrate import CalibrationReport, calibrate_bundle
+from .overlay import draw_overlay
+from .preprocessing import cuda_preprocess_available
+from .sources import FrameSource, SourceError, open_source
+from .stream import ReconnectPolicy, Stream, StreamError, StreamStats, run_stream
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -37,4 +42,16 @@ __all__ = [
     "read_image",
     "read_mask",
     "require_cv2",
+    "CalibrationReport",
+    "calibrate_bundle",
+    "cuda_preprocess_available",
+    "draw_overlay",
+    "FrameSource",
+    "ReconnectPolicy",
+    "SourceError",
+    "Stream",
+    "StreamError",
+    "StreamStats",
+    "open_source",
+    "run_stream",
 ]

@@ -18,10 +18,12 @@ The models normalise their own outputs (``manifest.normalization``), so a normal
 the calibrated pixel threshold lands on 0.5 in the display map; 3.0 stands in for a missing (or
 non-positive) pixel threshold. ``raw_map`` keeps the unmapped values.
 
-Thread safety: one detector may be shared by threads. A single lock guards the shared input
-buffer and the engine call (preprocess into the buffer, infer, copy the outputs out); frame
-validation and postprocessing (resize, mask, regions) run outside it, in the caller's thread.
-Use one detector per thread (or process) when calls must overlap on the engine.
+Thread safety: one detector may be shared by threads. A single lock guards the engine's slot 0
+(preprocess into its buffer, infer, copy the outputs out); frame validation and postprocessing
+(resize, mask, regions) run outside it, in the caller's thread. Use one detector per thread (or
+process) when calls must overlap on the engine. :meth:`Detector.stream` runs a threaded
+capture -> preprocess -> infer -> postprocess pipeline on the engine's other slots
+(:mod:`edge_ad.runtime.stream`), so ``predict`` stays usable while a stream runs.
 
 Torch-free: numpy, the bundle's engine package, and OpenCV for region labelling.
 """
@@ -32,15 +34,18 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._cv import cv2_available, require_cv2
 from .bundle import Bundle, load_bundle
-from .engines import Engine, create_engine
+from .engines import DEFAULT_SLOTS, Engine, create_engine
 from .preprocessing import COLOR_ORDERS, _apply_roi, _axis_taps, _check_frame, _is_int, preprocess_batch
 from .result import Region, Result
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .stream import ReconnectPolicy, Stream
 
 __all__ = ["Detector"]
 
@@ -97,7 +102,7 @@ class Detector:
 
     @classmethod
     def load(cls, bundle: Bundle | str | os.PathLike, device: str = "auto", *, regions: bool = True,
-             verify: bool = True) -> "Detector":
+             verify: bool = True, slots: int = DEFAULT_SLOTS) -> "Detector":
         """Load a bundle (directory, ``.tar`` or :class:`Bundle`) on its engine.
 
         Args:
@@ -106,16 +111,19 @@ class Detector:
                 ``"CPU"`` / ``"CUDA"``); ``"auto"`` = the bundle target's device.
             regions: label connected defect regions (needs OpenCV).
             verify: check the bundle's checksums when loading from a path.
+            slots: engine request slots: slot 0 serves :meth:`predict`, the others a stream's
+                in-flight frames (3 = double-buffered streaming).
 
         Raises:
-            ImportError: the engine's package (onnxruntime / openvino) is not installed.
-            NotImplementedError: a TensorRT bundle (that runtime engine is not written yet).
+            ImportError: the engine's package (onnxruntime / openvino / tensorrt + CUDA bindings) is
+                not installed.
+            NotImplementedError: the bundle names an engine this runtime has none for.
         """
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle, verify=verify)
         if not isinstance(device, str) or not device:
             raise ValueError(f"device must be a non-empty string ('auto', 'CPU', ...), got {device!r}")
-        return cls(bundle, create_engine(bundle, device), regions=regions)
+        return cls(bundle, create_engine(bundle, device, slots=slots), regions=regions)
 
     def __repr__(self) -> str:
         m = self.bundle.manifest
@@ -161,20 +169,49 @@ class Detector:
             raise TypeError(f"roi must be (x, y, w, h) or a sequence of one per frame, got {roi!r}")
         return self._predict(frames, color_order, rois, single=False)
 
+    def stream(self, source: Any, *, lossless: bool | None = None, queue_size: int = 2, color_order: str = "bgr",
+               roi: tuple[int, int, int, int] | None = None, reconnect: bool | ReconnectPolicy = True,
+               keep_frames: bool = False, max_frames: int | None = None) -> Stream:
+        """Run the detector on a live source in a threaded pipeline; iterate it for :class:`Result` s.
+
+        ::
+
+            with det.stream(0) as stream:            # camera 0, line-speed mode
+                for res in stream:
+                    res.frame_index, res.capture_time, res.score, res.is_anomalous
+            print(stream.stats)                      # captured / delivered / dropped / skipped ...
+
+        Args:
+            source: what :func:`~edge_ad.runtime.sources.open_source` takes: camera index or V4L2
+                device path, video file, RTSP URL, GStreamer pipeline ending in ``appsink``, image
+                folder, an iterable of uint8 frames, or a :class:`~edge_ad.runtime.sources.FrameSource`.
+            lossless: True processes every frame (capture blocks on full queues); False is line-speed
+                mode (stale frames and unread results are dropped, counted in ``stats.dropped``);
+                None (default) = line-speed for live sources (cameras, RTSP, GStreamer), lossless
+                for files, folders and iterables.
+            queue_size: bound of the frame queue and of the result queue (frames, >= 1).
+            color_order: channel order of the source's frames (OpenCV sources deliver ``"bgr"``).
+            roi: ``(x, y, w, h)`` crop applied to every frame.
+            reconnect: True (default back-off), False, or a
+                :class:`~edge_ad.runtime.stream.ReconnectPolicy`: what to do when a live source fails.
+            keep_frames: attach each frame to its result (``Result.frame``), e.g. to draw overlays.
+            max_frames: stop after this many frames read from the source (None = until it ends).
+
+        Returns:
+            A :class:`~edge_ad.runtime.stream.Stream` (iterable, context manager, ``stats``, ``close()``).
+        """
+        from .stream import Stream
+
+        return Stream(self, source, lossless=lossless, queue_size=queue_size, color_order=color_order, roi=roi,
+                      reconnect=reconnect, keep_frames=keep_frames, max_frames=max_frames)
+
     # ------------------------------------------------------------------------------------------
 
     def _predict(self, frames: list, color_order: str, rois: list, single: bool) -> list[Result]:
         if color_order not in COLOR_ORDERS:
             raise ValueError(f"color_order must be one of {COLOR_ORDERS}, got {color_order!r}")
-        views = []
-        for i, (frame, roi) in enumerate(zip(frames, rois)):
-            where = "frame" if single else f"frames[{i}]"
-            view = _apply_roi(_check_frame(frame, color_order, where), roi, where)
-            if view.shape[0] < _MIN_SIDE or view.shape[1] < _MIN_SIDE:
-                what = f"the roi {tuple(roi)} of {where}" if roi is not None else where
-                raise ValueError(f"{what} is {view.shape[1]}x{view.shape[0]} (WxH) pixels; the detector needs at "
-                                 f"least {_MIN_SIDE}x{_MIN_SIDE} (check the camera / decoder output and the roi)")
-            views.append(view)
+        views = [self._prepare(frame, roi, color_order, "frame" if single else f"frames[{i}]")
+                 for i, (frame, roi) in enumerate(zip(frames, rois))]
         self._warn_uncalibrated()
         maps, scores, t_pre, t_inf = self._infer(views, color_order)
         results = []
@@ -186,6 +223,16 @@ class Detector:
                                    "postprocess": (time.perf_counter() - t0) * 1e3}
         return results
 
+    @staticmethod
+    def _prepare(frame: np.ndarray, roi: Any, color_order: str, where: str) -> np.ndarray:
+        """Validate one frame and crop its ROI -> (h, w) or (h, w, 3) uint8 view; clear errors on bad input."""
+        view = _apply_roi(_check_frame(frame, color_order, where), roi, where)
+        if view.shape[0] < _MIN_SIDE or view.shape[1] < _MIN_SIDE:
+            what = f"the roi {tuple(roi)} of {where}" if roi is not None else where
+            raise ValueError(f"{what} is {view.shape[1]}x{view.shape[0]} (WxH) pixels; the detector needs at "
+                             f"least {_MIN_SIDE}x{_MIN_SIDE} (check the camera / decoder output and the roi)")
+        return view
+
     def _infer(self, views: list[np.ndarray], color_order: str) -> tuple[np.ndarray, np.ndarray, float, float]:
         """Preprocess into the engine buffer and infer, chunk by chunk, under the lock."""
         step = self.engine.batch or len(views)
@@ -195,16 +242,30 @@ class Detector:
                 chunk = views[start : start + step]
                 n = len(chunk)
                 t0 = time.perf_counter()
-                buf = self.engine.input_buffer(n)
-                preprocess_batch(chunk, self.spec, color_order=color_order, out=buf[:n])
+                self._preprocess_into(0, chunk, color_order)
                 t1 = time.perf_counter()
-                m, s = self.engine.run(n)
+                self.engine.start(0, n)
+                m, s = self.engine.wait(0)
                 t2 = time.perf_counter()
                 maps.append(m)
                 scores.append(s)
                 t_pre += (t1 - t0) * 1e3
                 t_inf += (t2 - t1) * 1e3
         return np.concatenate(maps), np.concatenate(scores), t_pre, t_inf
+
+    def _preprocess_into(self, slot: int, views: list[np.ndarray], color_order: str) -> None:
+        """Resize + normalise ``views`` straight into the engine slot's input (GPU when the engine can).
+
+        Engines with their own ``preprocess`` (TensorRT with the CUDA extension: uint8 frames are
+        uploaded and the kernel writes the device input) take the frames; the others expose a host
+        buffer that the C++ extension fills in place. Either way there is no intermediate copy.
+        """
+        own = getattr(self.engine, "preprocess", None)
+        if own is not None:
+            own(slot, views, self.spec, color_order=color_order)
+            return
+        buf = self.engine.slot_buffer(slot, len(views))
+        preprocess_batch(views, self.spec, color_order=color_order, out=buf[: len(views)])
 
     def _postprocess(self, model_map: np.ndarray, score: float, size: tuple[int, int],
                      roi: tuple[int, int, int, int] | None) -> Result:
@@ -233,3 +294,15 @@ class Detector:
             "validation data, or edge_ad.calibration, then edge_ad.runtime.update_manifest(bundle, {'thresholds': ...}))",
             UserWarning, stacklevel=4,
         )
+
+    def calibrate(self, good_frames: Any, target_fpr: float = 0.01, **kwargs: Any) -> Any:
+        """Refit the thresholds on this site's good frames, save them to the bundle and use them now.
+
+        ``good_frames``: a source (image folder, video file, camera...), an array or an iterable of
+        uint8 frames of good parts. Other keyword arguments (``pixel_fpr``, ``roi``, ``color_order``,
+        ``max_frames``, ``save``, ``progress``) as :func:`edge_ad.runtime.calibrate.calibrate_bundle`.
+        Returns its :class:`~edge_ad.runtime.calibrate.CalibrationReport`.
+        """
+        from .calibrate import calibrate_bundle
+
+        return calibrate_bundle(self.bundle.source, good_frames, target_fpr, detector=self, **kwargs)

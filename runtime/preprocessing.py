@@ -33,7 +33,7 @@ import numpy as np
 
 from .preprocess_spec import PreprocessSpec
 
-__all__ = ["extension_available", "preprocess", "preprocess_batch"]
+__all__ = ["cuda_preprocess_available", "extension_available", "preprocess", "preprocess_batch"]
 
 _EXT_API_VERSION = 1
 _BUILD_HINT = (
@@ -64,6 +64,14 @@ _OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 def extension_available() -> bool:
     """True when the compiled preprocessing extension is built and importable."""
     return _ext is not None
+
+
+def cuda_preprocess_available() -> bool:
+    """True when the extension has the CUDA kernel (built where CMake found nvcc) and a CUDA GPU is visible.
+
+    The TensorRT engine then preprocesses on the GPU (:func:`edge_ad.runtime.cuda.preprocess_cuda_into`).
+    """
+    return _ext is not None and hasattr(_ext, "preprocess_cuda") and _ext.cuda_device_count() > 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""What :meth:`edge_ad.runtime.Detector.predict` returns for one frame."""
+"""What :meth:`edge_ad.runtime.Detector.predict` (and each step of a stream) returns for one frame."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,6 +46,16 @@ class Result:
         roi: the ``(x, y, w, h)`` crop the frame was taken from, or None for the whole frame.
         timings: milliseconds: ``preprocess``, ``infer``, ``postprocess`` (for ``predict_batch``,
             ``preprocess`` and ``infer`` are for the whole batch call, ``postprocess`` for this frame).
+            Stream results add ``capture`` (reading the frame from the source) and
+            ``capture_to_decision`` (capture timestamp -> result ready for the consumer).
+        frame_index: position of the frame in its source, counting every frame read (also the
+            dropped and skipped ones, so gaps show drops); None outside a stream.
+        capture_time: ``time.monotonic()`` seconds when the frame was captured (streams); None
+            for ``predict``. Compare it with ``time.monotonic()`` for latency.
+        capture_wall_time: ``time.time()`` (Unix epoch seconds) of the same instant, for logs.
+        source: name of the stream's source (e.g. ``"camera:0"``, a file path); None for ``predict``.
+        frame: the frame the result is for (the uint8 array the source delivered, not a copy) when
+            the stream was asked to keep frames (``keep_frames=True``, e.g. for overlays), else None.
     """
 
     anomaly_map: np.ndarray
@@ -57,3 +67,8 @@ class Result:
     regions: list[Region] | None
     roi: tuple[int, int, int, int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    frame_index: int | None = None
+    capture_time: float | None = None
+    capture_wall_time: float | None = None
+    source: str | None = None
+    frame: np.ndarray | None = field(default=None, repr=False)

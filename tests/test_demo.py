@@ -24,7 +24,7 @@ def test_synthetic_dataset_is_valid_mvtec_layout(tmp_path):
 def test_demo_writes_report_on_generated_data(tmp_path):
     root = make_synthetic_dataset(tmp_path / "data", size=128, num_train=8, num_test_per_type=3, seed=0)
     result = demo(root, tmp_path / "out", categories=[CATEGORY], image_size=128, shots=4, steps=3, device="cpu",
-                  progress=False)
+                  benchmark_iterations=10, progress=False)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [r["method"] for r in report["runs"]] == ["foundad", "knn"] == [r["method"] for r in result["runs"]]
     md = (tmp_path / "out" / "report.md").read_text()
@@ -36,3 +36,15 @@ def test_demo_writes_report_on_generated_data(tmp_path):
     # them above chance with knn (which needs no training).
     knn = next(r for r in report["runs"] if r["method"] == "knn")
     assert knn["metrics"]["pixel_auroc"] > 0.8
+
+    # Deployment: INT8 bundle, every test image streamed through the runtime, benchmark table.
+    dep = report["deployment"]
+    assert Path(dep["bundle"]).is_dir()
+    lines = [json.loads(x) for x in (tmp_path / "out" / "deploy" / "results.jsonl").read_text().splitlines()]
+    test = MVTecDataset(root, CATEGORY, split="test")
+    assert [r["frame_index"] for r in lines] == list(range(len(test)))
+    assert [r["label"] for r in lines] == [int(r.label) for r in test.records]
+    assert dep["verdicts"]["correct"] == sum(r["is_anomalous"] == bool(r["label"]) for r in lines)
+    bench = json.loads((tmp_path / "out" / "deploy" / "benchmark.json").read_text())
+    assert bench["engine"] == "openvino" and bench["precision"] == "int8" and bench["end_to_end_fps"] > 0
+    assert "end_to_end_fps" in md and "Deployment" in md

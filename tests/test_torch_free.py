@@ -20,6 +20,11 @@ def test_runtime_imports_without_torch():
         import edge_ad
         import edge_ad.runtime as rt
         from edge_ad.runtime.preprocessing import preprocess, extension_available
+        # every runtime module and the device-side CLI verbs (argument parsing included)
+        import edge_ad.runtime.stream, edge_ad.runtime.sources, edge_ad.runtime.benchmark
+        import edge_ad.runtime.calibrate, edge_ad.runtime.overlay, edge_ad.runtime.cuda
+        import edge_ad.runtime.engines.tensorrt_engine
+        import edge_ad.cli.run, edge_ad.cli.benchmark, edge_ad.cli.calibrate, edge_ad.cli.build_engine
         spec = rt.PreprocessSpec(32, 48)
         out = preprocess(np.zeros((60, 80, 3), np.uint8), spec)
         assert out.shape == (1, 3, 32, 48), out.shape
@@ -31,11 +36,16 @@ def test_runtime_imports_without_torch():
     assert proc.stdout.startswith("ok")
 
 
-def test_device_cli_verbsrun_without_torch():
+def test_device_cli_verbs_run_without_torch():
     proc = run_without_torch(
         """
         from edge_ad.cli.main import main
         assert main(["info"]) == 0
+        for verb in ("run", "benchmark", "calibrate", "build-engine", "targets"):
+            try:
+                main([verb, "--help"])
+            except SystemExit as exc:
+                assert exc.code == 0, verb
         try:
             main(["--help"])
         except SystemExit as exc:

@@ -265,6 +265,7 @@ _SPECS: dict[str, ViTSpec] = {
     "dinov3_vits16": ViTSpec("vit_small_patch16_dinov3", 16, *_IMAGENET, _dinov3_filter),
     "dinov3_vitb16": ViTSpec("vit_base_patch16_dinov3", 16, *_IMAGENET, _dinov3_filter),
     "dinov3_vitl16": ViTSpec("vit_large_patch16_dinov3", 16, *_IMAGENET, _dinov3_filter),
+    "clip_vitl14_336": ViTSpec("vit_large_patch14_clip_quickgelu_336", 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _dinov2_filter),
     # align_corners per release, as timm's factory: C-RADIOv3-B was released with True, -L with False.
     "radio_v3_b16": ViTSpec(
         "vit_base_patch16_radio_v3", 16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,

@@ -1,4 +1,4 @@
-"""``edge-ad demo``: the end-to-end demo (few-shot FoundAD + knn, real images, report folder)."""
+"""``edge-ad demo``: the end-to-end demo (few-shot FoundAD + knn on real images -> INT8 bundle -> runtime + benchmark)."""
 from __future__ import annotations
 
 import argparse
@@ -15,11 +15,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=100, help="FoundAD optimiser steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-deploy", dest="deploy", action="store_false",
+                        help="skip converting the first run to an intel-cpu INT8 bundle, streaming and benchmarking it")
+    parser.add_argument("--benchmark-iterations", type=int, default=100)
 
 
 def run(args: argparse.Namespace) -> int:
     from edge_ad.demo import demo
 
     demo(args.data, args.out, categories=args.categories, methods=tuple(args.methods), backbone=args.backbone,
-         image_size=args.image_size, shots=args.shots, steps=args.steps, seed=args.seed, device=args.device)
+         image_size=args.image_size, shots=args.shots, steps=args.steps, seed=args.seed, device=args.device,
+         deploy=args.deploy, benchmark_iterations=args.benchmark_iterations)
     return 0

@@ -22,6 +22,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "targets": ("targets", "deployment targets: engine, device, precisions, DLA, OpenVINO hint (torch-free)"),
     "convert": ("convert", "run directory -> deployment bundle for a target (ONNX, OpenVINO, TensorRT Q/DQ)"),
     "build-engine": ("build_engine", "build / reuse the TensorRT engine of a bundle on the device (torch-free)"),
+    "run": ("run", "stream a bundle over a camera / video / folder / URL / pipeline: JSONL, overlay video (torch-free)"),
+    "benchmark": ("benchmark", "per-stage latency, streaming vs bare-engine FPS, RSS and device facts (torch-free)"),
+    "calibrate": ("calibrate", "refit a bundle's thresholds on this camera's good frames, saved to its manifest (torch-free)"),
 }
 
 

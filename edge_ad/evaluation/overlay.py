@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ad.runtime._cv import require_cv2
+from edge_ad.runtime.overlay import blend, heat_colors
 
 
 def render_overlay(
@@ -34,10 +35,9 @@ def render_overlay(
     cv2 = require_cv2("render overlays")
     h, w = image_rgb.shape[:2]
     heat = cv2.resize(anomaly_map.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    heat = np.clip((heat - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    base = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
-    out = cv2.addWeighted(base, 1 - alpha, colour, alpha, 0)
+    heat = (heat - vmin) / max(vmax - vmin, 1e-12)
+    # Same colouring and blending as the device-side overlay (edge_ad.runtime.overlay).
+    out = blend(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), heat_colors(heat), alpha)
     if mask is not None and mask.any():
         m = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

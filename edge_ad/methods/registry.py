@@ -19,6 +19,7 @@ __all__ = ["MethodEntry", "build_detector", "get_method", "list_methods", "make_
 _METHOD_MODULES: dict[str, str] = {
     "foundad": "edge_ad.methods.foundad",
     "knn": "edge_ad.methods.knn",
+    "visualad": "edge_ad.methods.visualad",
 }
 
 

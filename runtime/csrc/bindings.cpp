@@ -15,6 +15,11 @@
 #include <vector>
 
 #include "preprocess.hpp"
+#ifdef EDGE_AD_WITH_CUDA
+#include <cstdint>
+
+#include "preprocess_cuda.hpp"
+#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -103,6 +108,45 @@ void f32_to_f16(nb::ndarray<const float, nb::device::cpu, nb::c_contig> in,
   for (size_t i = 0; i < n; ++i) dst[i] = edge_ad::float_to_half(src[i]);
 }
 
+#ifdef EDGE_AD_WITH_CUDA
+// GPU path (built only when CMake found a CUDA compiler): host uint8 frames -> device buffer at
+// out_ptr ((B, 3, height, width) float32 / float16), queued on `stream`. Validated like
+// preprocess_into; frames must have their pixels packed within each row.
+void preprocess_cuda_py(const std::vector<Frame>& frames, std::uintptr_t out_ptr, int height, int width, bool half,
+                        bool bgr, const std::string& mode, std::array<double, 3> mean, std::array<double, 3> stdv,
+                        std::uintptr_t stream) {
+  if (frames.empty()) throw nb::value_error("no frames given");
+  if (out_ptr == 0) throw nb::value_error("out_ptr is a null device pointer");
+  if (height <= 0 || width <= 0) throw nb::value_error("height and width must be positive");
+  edge_ad::OutParams p;
+  p.height = height;
+  p.width = width;
+  p.mode = parse_mode(mode);
+  p.bgr = bgr;
+  p.half = half;
+  for (int c = 0; c < 3; ++c) {
+    if (!(stdv[c] > 0.0) || !std::isfinite(stdv[c]) || !std::isfinite(mean[c]))
+      throw nb::value_error("std must be positive and mean/std finite");
+    p.scale[c] = static_cast<float>(1.0 / (255.0 * stdv[c]));
+    p.offset[c] = static_cast<float>(-mean[c] / stdv[c]);
+  }
+  std::vector<edge_ad::HostFrame> host(frames.size());
+  for (size_t i = 0; i < frames.size(); ++i) {
+    const Frame& f = frames[i];
+    if (f.ndim() != 2 && f.ndim() != 3) throw nb::value_error("frames must be 2-D (H, W) or 3-D (H, W, C)");
+    const int64_t ch = f.ndim() == 3 ? static_cast<int64_t>(f.shape(2)) : 1;
+    if (ch != 1 && ch != 3) throw nb::value_error("frames must have 1 or 3 channels");
+    if (f.shape(0) == 0 || f.shape(1) == 0) throw nb::value_error("empty frame");
+    if (f.stride(1) != ch || (f.ndim() == 3 && f.stride(2) != 1) ||
+        f.stride(0) < static_cast<int64_t>(f.shape(1)) * ch)
+      throw nb::value_error("frames must have packed pixels in each row (np.ascontiguousarray)");
+    host[i] = {f.data(), static_cast<int64_t>(f.shape(0)), static_cast<int64_t>(f.shape(1)), ch, f.stride(0)};
+  }
+  nb::gil_scoped_release release;
+  edge_ad::preprocess_cuda(host, p, reinterpret_cast<void*>(out_ptr), stream);
+}
+#endif
+
 }  // namespace
 
 NB_MODULE(_preprocess, m) {
@@ -118,4 +162,11 @@ NB_MODULE(_preprocess, m) {
   m.def("f32_to_f16", &f32_to_f16, "src"_a.noconvert(), "dst"_a.noconvert(),
         "Convert float32 to IEEE binary16 bits (round to nearest even), as the float16 output does.");
   m.def("auto_threads", &edge_ad::auto_threads, "Threads used for large work when num_threads=0.");
+#ifdef EDGE_AD_WITH_CUDA
+  m.def("preprocess_cuda", &preprocess_cuda_py, "frames"_a.noconvert(), "out_ptr"_a, "height"_a, "width"_a, "half"_a,
+        "bgr"_a, "mode"_a, "mean"_a, "std"_a, "stream"_a,
+        "CUDA: resize + normalise uint8 host frames into the device buffer at out_ptr (B, 3, H, W), "
+        "queued on stream (cudaStream_t as int). Releases the GIL.");
+  m.def("cuda_device_count", &edge_ad::cuda_device_count, "Visible CUDA devices (0 without driver / GPU).");
+#endif
 }

@@ -1,15 +1,29 @@
 """Runtime inference engines: one module per bundle ``engine.name``, all torch-free.
 
-An engine owns the compiled model and a preallocated input buffer that preprocessing writes into
-directly (no copy between preprocessing and inference). Engines are not thread-safe on their own;
-:class:`edge_ad.runtime.Detector` serialises access with one lock.
+An engine owns the compiled model and preallocated input buffers that preprocessing writes into
+directly (no copy between preprocessing and inference). Engines are not thread-safe per slot:
+one slot is used by one thread at a time. :class:`edge_ad.runtime.Detector` serialises slot 0
+(``input_buffer`` / ``run``) with one lock; a stream (:mod:`edge_ad.runtime.stream`) owns the
+other slots.
+
+Asynchronous API (every engine implements it; streaming overlaps preprocessing of frame k+1 with
+inference of frame k through it):
+
+* ``num_slots``: how many requests can be in flight at once (>= 1), each with its own buffer;
+* ``slot_buffer(slot, n)``: that slot's C-contiguous (B, 3, H, W) input buffer, B >= n;
+* ``start(slot, n)``: launch inference on the slot's first ``n`` frames; returns at once;
+* ``wait(slot)``: block until it is done; copies ``(maps (n, h, w) float32, scores (n,) float32)``.
+
+The synchronous ``input_buffer(n)`` / ``run(n)`` are ``slot_buffer(0, n)`` and
+``start(0, n)`` + ``wait(0)``.
 
 ``engine.name`` -> engine:
 
 * ``onnxruntime``: :class:`OnnxRuntimeEngine` (needs the ``onnxruntime`` package);
 * ``openvino``: :class:`OpenVINOEngine` (needs ``openvino``), with the bundle's pinned
   ``INFERENCE_PRECISION_HINT``;
-* ``tensorrt``: not written yet; :func:`create_engine` raises ``NotImplementedError``.
+* ``tensorrt``: :class:`TensorRTEngine` (needs ``tensorrt`` + cuda-python or pycuda): the bundle's engine
+  for this GPU, built on first use (``edge-ad build-engine``), CUDA stream + pinned buffers per slot.
 """
 from __future__ import annotations
 
@@ -20,22 +34,61 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from ..bundle import Bundle
 
-__all__ = ["Engine", "create_engine"]
+__all__ = ["DEFAULT_SLOTS", "Engine", "create_engine"]
+
+#: Slots an engine gets by default: slot 0 for synchronous ``predict`` calls, slots 1 and 2 for a
+#: stream's double buffering (one inferring while the next frame is preprocessed).
+DEFAULT_SLOTS = 3
 
 
 class Engine(Protocol):
-    """What :class:`~edge_ad.runtime.Detector` needs from an engine."""
+    """What :class:`~edge_ad.runtime.Detector` and streams need from an engine."""
 
     name: str
     device: str
+    #: Version of the engine's package (e.g. onnxruntime's ``__version__``).
+    version: str
     #: Static batch of the model, or None when the batch dimension is dynamic.
     batch: int | None
+    #: Requests that may be in flight at once (>= 1), each with its own input buffer.
+    num_slots: int
 
     def input_buffer(self, n: int) -> np.ndarray:
-        """A C-contiguous (B, 3, H, W) buffer with B >= n (B == ``batch`` when static) to preprocess into."""
+        """``slot_buffer(0, n)``."""
 
     def run(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Infer on the first ``n`` frames of the buffer; return copies ``(maps (n, h, w) float32, scores (n,))``."""
+        """``start(0, n)`` then ``wait(0)``."""
+
+    def slot_buffer(self, slot: int, n: int) -> np.ndarray:
+        """A C-contiguous (B, 3, H, W) buffer of ``slot`` with B >= n (B == ``batch`` when static)."""
+
+    def start(self, slot: int, n: int) -> None:
+        """Launch inference on the first ``n`` frames of the slot's buffer; returns at once."""
+
+    def wait(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block until the slot's inference is done; copies ``(maps (n, h, w) float32, scores (n,) float32)``."""
+
+
+def check_slot(slot: int, num_slots: int) -> int:
+    """Validate a slot index (clear error instead of an IndexError deep in an engine)."""
+    if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= slot < num_slots:
+        raise ValueError(f"slot must be an int in [0, {num_slots}), got {slot!r}")
+    return int(slot)
+
+
+def check_slots(num_slots: int) -> int:
+    """Validate the ``slots`` argument of an engine constructor."""
+    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+        raise ValueError(f"slots must be an int >= 1 (3 = predict + double-buffered streaming), got {num_slots!r}")
+    return num_slots
+
+
+def split_outputs(maps: np.ndarray, scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw engine outputs (B, [1,] h, w) and (B, [1]) -> copies of the first ``n``: (n, h, w), (n,) float32."""
+    maps = np.asarray(maps, np.float32)
+    b = maps.shape[0]
+    maps = maps.reshape(b, maps.shape[-2], maps.shape[-1])[:n].copy()
+    return maps, np.asarray(scores, np.float32).reshape(b, -1)[:n, 0].copy()
 
 
 def _output_indices(bundle: "Bundle", names: list[str]) -> tuple[int, int]:
@@ -48,22 +101,19 @@ def _output_indices(bundle: "Bundle", names: list[str]) -> tuple[int, int]:
     return 0, 1
 
 
-def create_engine(bundle: "Bundle", device: str = "auto") -> Engine:
-    """Build the engine the bundle was made for (``manifest.engine.name``)."""
+def create_engine(bundle: "Bundle", device: str = "auto", *, slots: int = DEFAULT_SLOTS) -> Engine:
+    """Build the engine the bundle was made for (``manifest.engine.name``) with ``slots`` request slots."""
     name = bundle.manifest.engine.name
     if name == "onnxruntime":
         from .onnxruntime_engine import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(bundle, device)
+        return OnnxRuntimeEngine(bundle, device, slots=slots)
     if name == "openvino":
         from .openvino_engine import OpenVINOEngine
 
-        return OpenVINOEngine(bundle, device)
+        return OpenVINOEngine(bundle, device, slots=slots)
     if name == "tensorrt":
-        raise NotImplementedError(
-            f"bundle {bundle.source} targets {bundle.manifest.target!r} (engine 'tensorrt'): the TensorRT runtime "
-            "engine of edge_ad.runtime.Detector is not written yet. On the device, `edge-ad build-engine <bundle>` "
-            "builds the TensorRT engine from the bundle's model.onnx; for now run that engine with TensorRT directly, "
-            "or convert for an 'onnx-cpu' / OpenVINO target to use Detector."
-        )
+        from .tensorrt_engine import TensorRTEngine
+
+        return TensorRTEngine(bundle, device, slots=slots)
     raise NotImplementedError(f"bundle {bundle.source} names engine {name!r}, which this edge_ad runtime has no engine for")

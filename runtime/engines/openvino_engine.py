@@ -1,7 +1,8 @@
 """OpenVINO engine: the bundle's IR compiled with its pinned ``INFERENCE_PRECISION_HINT``.
 
-Preprocessing writes straight into the infer request's own input tensor (``tensor.data``), so no
-copy happens between preprocessing and inference.
+One ``InferRequest`` per slot (``start_async`` / ``wait``). Preprocessing writes straight into
+each request's own input tensor (``tensor.data``), so no copy happens between preprocessing and
+inference.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import _output_indices
+from . import DEFAULT_SLOTS, _output_indices, check_slot, check_slots, split_outputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bundle import Bundle
@@ -31,9 +32,11 @@ class OpenVINOEngine:
 
     name = "openvino"
 
-    def __init__(self, bundle: "Bundle", device: str = "auto") -> None:
+    def __init__(self, bundle: "Bundle", device: str = "auto", *, slots: int = DEFAULT_SLOTS) -> None:
         ov = _import_openvino()
         self.device = bundle.target.device if device == "auto" else str(device)
+        self.version = str(ov.get_version())
+        self.num_slots = check_slots(slots)
         config = dict(bundle.manifest.engine.hints)  # INFERENCE_PRECISION_HINT is always pinned in the bundle
         self.config = config
         core = ov.Core()
@@ -41,29 +44,58 @@ class OpenVINOEngine:
         shape = self.compiled.inputs[0].get_partial_shape()
         self.batch = int(shape[0].get_length()) if shape[0].is_static else None
         self._hw = (bundle.manifest.input.height, bundle.manifest.input.width)
-        self.request = self.compiled.create_infer_request()
         names = [next(iter(o.get_names()), str(i)) for i, o in enumerate(self.compiled.outputs)]
         self._map_idx, self._score_idx = _output_indices(bundle, names)
         self._dtype = np.float16 if self.compiled.inputs[0].get_element_type() == ov.Type.f16 else np.float32
         self._ov = ov
-        self._n = 0
-        self._set_input(self.batch or 1)
+        self.requests = [self.compiled.create_infer_request() for _ in range(self.num_slots)]
+        self.request = self.requests[0]  # the synchronous API's request (kept for callers of the old attribute)
+        self._buffers: list[np.ndarray] = [np.empty(0)] * self.num_slots
+        self._sizes = [0] * self.num_slots
+        self._n = [0] * self.num_slots
+        self._busy = [False] * self.num_slots
+        for slot in range(self.num_slots):
+            self._set_input(slot, self.batch or 1)
 
-    def _set_input(self, n: int) -> None:
+    def _set_input(self, slot: int, n: int) -> None:
         tensor = self._ov.Tensor(np.zeros((n, 3, *self._hw), self._dtype))
-        self.request.set_input_tensor(tensor)
-        self._buffer = self.request.get_input_tensor().data  # a view of the tensor's memory
-        self._n = n
+        self.requests[slot].set_input_tensor(tensor)
+        self._buffers[slot] = self.requests[slot].get_input_tensor().data  # a view of the tensor's memory
+        self._sizes[slot] = n
+
+    # -- synchronous API (slot 0) --------------------------------------------------------------
 
     def input_buffer(self, n: int) -> np.ndarray:
-        if self.batch is None and n != self._n:
-            self._set_input(n)
-        return self._buffer
+        return self.slot_buffer(0, n)
 
     def run(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        self.request.infer()
-        maps = np.asarray(self.request.get_output_tensor(self._map_idx).data, np.float32)
-        scores = np.asarray(self.request.get_output_tensor(self._score_idx).data, np.float32)
-        b = maps.shape[0]
-        maps = maps.reshape(b, maps.shape[-2], maps.shape[-1])[:n].copy()
-        return maps, scores.reshape(b, -1)[:n, 0].copy()
+        self.start(0, n)
+        return self.wait(0)
+
+    # -- asynchronous API ----------------------------------------------------------------------
+
+    def slot_buffer(self, slot: int, n: int) -> np.ndarray:
+        slot = check_slot(slot, self.num_slots)
+        # A dynamic-batch model infers the whole tensor, so it is sized to exactly n frames.
+        if self.batch is None and n != self._sizes[slot]:
+            self._set_input(slot, n)
+        return self._buffers[slot]
+
+    def start(self, slot: int, n: int) -> None:
+        slot = check_slot(slot, self.num_slots)
+        if self._busy[slot]:
+            raise RuntimeError(f"slot {slot} is still in flight: call wait({slot}) before starting it again")
+        self._n[slot], self._busy[slot] = n, True
+        self.requests[slot].start_async()
+
+    def wait(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        slot = check_slot(slot, self.num_slots)
+        if not self._busy[slot]:
+            raise RuntimeError(f"slot {slot} has no inference in flight: call start({slot}, n) first")
+        req = self.requests[slot]
+        try:
+            req.wait()
+        finally:
+            self._busy[slot] = False
+        return split_outputs(req.get_output_tensor(self._map_idx).data, req.get_output_tensor(self._score_idx).data,
+                             self._n[slot])

@@ -1,0 +1,34 @@
+"""``edge-ad benchmark BUNDLE [--source SRC] [--warmup N] [--iterations N] [--json FILE] [--device D]``.
+
+Per-stage latency percentiles, end-to-end streaming FPS next to the bare engine's, capture-to-
+decision p99, drops, peak RSS and device facts. Thin wrapper over
+:func:`edge_ad.runtime.benchmark.benchmark`; torch-free.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory or .tar written by `edge-ad convert`")
+    parser.add_argument("--source", default=None,
+                        help="video / image folder / camera / URL to stream (default: synthetic frames in memory)")
+    parser.add_argument("--warmup", type=int, default=20, help="warm-up engine calls / results not measured (20)")
+    parser.add_argument("--iterations", type=int, default=200, help="measured engine calls and stream frames (200)")
+    parser.add_argument("--json", default=None, help="also write the report to this JSON file")
+    parser.add_argument("--device", default="auto", help="engine device (CPU, GPU, NPU, CUDA); default: the bundle's")
+    parser.add_argument("--frame-size", default="480x640", help="HxW of the synthetic frames (default 480x640)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_ad.runtime.benchmark import benchmark, format_report
+
+    from ._parse import image_size
+
+    size = image_size(args.frame_size)
+    size = (size, size) if isinstance(size, int) else size
+    source = int(args.source) if args.source is not None and args.source.isdigit() else args.source
+    report = benchmark(args.bundle, source, warmup=args.warmup, iterations=args.iterations, device=args.device,
+                       json_path=args.json, frame_size=size)
+    print(format_report(report))
+    return 0

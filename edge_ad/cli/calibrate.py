@@ -1,0 +1,56 @@
+"""``edge-ad calibrate BUNDLE --source SRC [--target-fpr F] [--pixel-fpr F] [--max-frames N] [--roi X,Y,W,H]``.
+
+Runs on the device (torch-free): refits the bundle's image / pixel thresholds on good frames of
+this camera and saves them into its manifest (:func:`edge_ad.runtime.calibrate.calibrate_bundle`).
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _roi(text: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"--roi must be X,Y,W,H in pixels (four integers), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory (extract a .tar first: the thresholds are saved into it)")
+    parser.add_argument("--source", required=True,
+                        help="good frames: image folder, video file, camera index / device, RTSP URL or GStreamer "
+                             "pipeline")
+    parser.add_argument("--target-fpr", type=float, default=0.01,
+                        help="image false-positive rate allowed on good parts (default 0.01 = 1%%)")
+    parser.add_argument("--pixel-fpr", type=float, default=None,
+                        help="pixel false-positive rate of the pixel threshold (default: the bundle's, else 0.01)")
+    parser.add_argument("--max-frames", type=int, default=None,
+                        help="use at most N frames (needed for cameras and streams; default: all)")
+    parser.add_argument("--roi", type=_roi, default=None, help="crop X,Y,W,H applied to every frame, as in production")
+    parser.add_argument("--color-order", choices=("bgr", "rgb", "gray"), default="bgr",
+                        help="channel order of the frames (default bgr: OpenCV sources)")
+    parser.add_argument("--device", default="auto", help="engine device (default: the bundle target's)")
+    parser.add_argument("--dry-run", action="store_true", help="fit and print, but do not save the thresholds")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_ad.runtime.calibrate import calibrate_bundle
+
+    report = calibrate_bundle(args.bundle, args.source, args.target_fpr, pixel_fpr=args.pixel_fpr, device=args.device,
+                              roi=args.roi, color_order=args.color_order, max_frames=args.max_frames,
+                              save=not args.dry_run, progress=True)
+    t, prev = report.thresholds, report.previous
+
+    def old(value: float | None) -> str:
+        return "none" if value is None else f"{value:.4g}"
+
+    print(f"calibrated on {report.num_frames} good frames ({t.source})")
+    print(f"image threshold: {old(prev.image_threshold if prev else None)} -> {t.image_threshold:.4g} "
+          f"(target FPR {t.target_fpr:g}, on these frames {report.image_fpr:.4f})")
+    print(f"pixel threshold: {old(prev.pixel_threshold if prev else None)} -> {t.pixel_threshold:.4g} "
+          f"(target FPR {t.pixel_fpr:g}, on these frames {report.pixel_fpr:.4f})")
+    print("saved to manifest.yaml" if report.saved else "dry run: manifest not changed")
+    return 0

@@ -1,0 +1,55 @@
+"""``edge-ad run BUNDLE --source SRC [--show] [--save out.mp4] [--jsonl results.jsonl] [--lossless]
+[--max-frames N] [--device D]``: stream a bundle over a camera / video / folder / URL / pipeline.
+
+Thin wrapper over :func:`edge_ad.runtime.stream.run_stream`; torch-free.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _roi(text: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"--roi must be x,y,w,h in pixels, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory or .tar written by `edge-ad convert`")
+    parser.add_argument("--source", required=True,
+                        help="camera index (0) or /dev/videoN, video file, image folder, rtsp:// URL, or a GStreamer "
+                             "pipeline ending in appsink (quote it)")
+    parser.add_argument("--show", action="store_true", help="show frames with the anomaly overlay (q / Esc quits)")
+    parser.add_argument("--save", default=None, help="write overlaid frames to this video (.mp4 or .avi)")
+    parser.add_argument("--jsonl", default=None, help="write one JSON object per frame, then a final stats line")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--lossless", dest="lossless", action="store_true", default=None,
+                      help="process every frame (default for files / folders)")
+    mode.add_argument("--line-speed", dest="lossless", action="store_false",
+                      help="drop stale frames to keep latency bounded (default for cameras / URLs / pipelines)")
+    parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames read from the source")
+    parser.add_argument("--device", default="auto", help="engine device (CPU, GPU, NPU, CUDA); default: the bundle's")
+    parser.add_argument("--roi", type=_roi, default=None, help="crop x,y,w,h (pixels) of every frame")
+    parser.add_argument("--color-order", default="bgr", choices=("bgr", "rgb", "gray"),
+                        help="channel order of the source's frames (OpenCV sources: bgr)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from edge_ad.runtime.stream import run_stream
+
+    source = int(args.source) if args.source.isdigit() else args.source
+    stats = run_stream(args.bundle, source, show=args.show, save=args.save, jsonl=args.jsonl, lossless=args.lossless,
+                       max_frames=args.max_frames, device=args.device, roi=args.roi, color_order=args.color_order,
+                       progress=not args.no_progress)
+    d = stats.to_dict()
+    print(json.dumps({k: d[k] for k in ("source", "mode", "captured", "delivered", "dropped", "skipped", "fps")}),
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,248 @@
+"""``edge-ad benchmark``: streaming and bare-engine speed of a bundle on this device, with device facts.
+
+What one run measures (same bundle, same process, same engine):
+
+* ``engine_fps``: the bare engine, ``start`` + ``wait`` on slot 0 with a preprocessed input, in a
+  loop (``iterations`` calls after ``warmup``), times the static batch;
+* the stream: ``Detector.stream`` over the source (default: synthetic frames generated in memory,
+  or ``source`` = a video / folder / camera), lossless for finite sources. ``end_to_end_fps`` is
+  results delivered per second after the first ``warmup`` results; per-stage p50 / p95 / p99 in
+  milliseconds for ``capture``, ``preprocess``, ``infer``, ``postprocess`` and
+  ``capture_to_decision`` (capture timestamp -> result ready); dropped / skipped frames;
+* ``peak_rss_mb``: the process's peak resident memory (``getrusage``), MiB;
+* device facts (:func:`device_facts`): CPU model, GPU, engine + version, precision, target, and on
+  Jetson the board model (``/proc/device-tree/model``), nvpmodel power mode and whether clocks are
+  pinned (``jetson_clocks``), each when readable.
+
+Torch-free.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["STAGES", "benchmark", "device_facts", "format_report", "synthetic_frames"]
+
+#: Per-frame timings (``Result.timings`` keys) summarised by the benchmark.
+STAGES = ("capture", "preprocess", "infer", "postprocess", "capture_to_decision")
+
+
+def synthetic_frames(count: int, height: int = 480, width: int = 640, *, distinct: int = 8,
+                     seed: int = 0) -> Iterator[np.ndarray]:
+    """``count`` uint8 BGR (height, width, 3) frames: ``distinct`` smooth textured images, cycled.
+
+    Made once (a few MB) and yielded by reference, so generating them costs nothing per frame and
+    memory stays flat however many frames are streamed.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    pool = []
+    for k in range(distinct):
+        fx, fy = rng.uniform(0.005, 0.05, 2)
+        base = 128 + 60 * np.sin(xx * fx + k) * np.cos(yy * fy)
+        img = base[:, :, None] + rng.normal(0, 12, (height, width, 3))
+        pool.append(np.clip(img, 0, 255).astype(np.uint8))
+    for i in range(count):
+        yield pool[i % distinct]
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace").replace("\x00", "").strip()
+    except OSError:
+        return None
+
+
+def device_facts(root: str | os.PathLike = "/") -> dict[str, Any]:
+    """What the machine is, from files (``root`` lets tests point at a fake file tree).
+
+    Returns:
+        ``{"cpu", "cores", "machine", "os", "gpu", "jetson_model", "nvpmodel", "clocks"}``; a fact
+        that cannot be read is None. ``clocks`` is ``"pinned"`` when every CPU core's minimum
+        frequency equals its maximum (what ``jetson_clocks`` does), ``"dynamic"`` otherwise.
+    """
+    root = Path(root)
+    cpu = None
+    for line in (_read(root / "proc/cpuinfo") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+            cpu = value.strip()
+            break
+    gpus = []
+    for info in sorted((root / "proc/driver/nvidia/gpus").glob("*/information")):
+        for line in (_read(info) or "").splitlines():
+            if line.startswith("Model:"):
+                gpus.append(line.partition(":")[2].strip())
+    jetson = _read(root / "proc/device-tree/model")
+    # nvpmodel writes its current mode here ("pmode:0002 fmode:..."); the mode names live in
+    # /etc/nvpmodel.conf as "< POWER_MODEL ID=2 NAME=15W >".
+    nvp = None
+    status = _read(root / "var/lib/nvpmodel/status")
+    if status:
+        mode = status.split()[0].partition(":")[2].lstrip("0") or "0"
+        nvp = f"mode {mode}"
+        for line in (_read(root / "etc/nvpmodel.conf") or "").splitlines():
+            if "POWER_MODEL" in line and f"ID={mode} " in line.replace(">", " "):
+                name = line.split("NAME=")[-1].split()[0].rstrip(">") if "NAME=" in line else None
+                if name:
+                    nvp = f"mode {mode} ({name})"
+    clocks = None
+    pinned = []
+    for cpu_dir in sorted((root / "sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq")):
+        lo, hi = _read(cpu_dir / "scaling_min_freq"), _read(cpu_dir / "scaling_max_freq")
+        if lo and hi:
+            pinned.append(lo == hi)
+    if pinned:
+        clocks = "pinned" if all(pinned) else "dynamic"
+    return {"cpu": cpu or platform.processor() or None, "cores": os.cpu_count(), "machine": platform.machine(),
+            "os": f"{platform.system()} {platform.release()}", "gpu": ", ".join(gpus) or None,
+            "jetson_model": jetson or None, "nvpmodel": nvp, "clocks": clocks}
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+    p = np.percentile(np.asarray(values, np.float64), [50, 95, 99])
+    return {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2])}
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _engine_fps(det: Any, warmup: int, iterations: int) -> float:
+    """Bare engine throughput (frames/s): slot 0, input preprocessed once, start + wait in a loop."""
+    engine = det.engine
+    n = engine.batch or 1
+    frame = next(synthetic_frames(1, det.spec.size[0], det.spec.size[1]))
+    with det._lock:  # slot 0 is predict's slot
+        buf = engine.slot_buffer(0, n)
+        from .preprocessing import preprocess_batch
+
+        preprocess_batch([frame] * n, det.spec, out=buf[:n])
+        for _ in range(warmup):
+            engine.start(0, n)
+            engine.wait(0)
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            engine.start(0, n)
+            engine.wait(0)
+        dt = time.perf_counter() - t0
+    return n * iterations / dt
+
+
+def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: int = 200, device: str = "auto",
+              json_path: str | os.PathLike | None = None, frame_size: tuple[int, int] = (480, 640),
+              lossless: bool | None = None, progress: bool = True) -> dict[str, Any]:
+    """Benchmark a bundle: bare engine and end-to-end streaming on this device.
+
+    Args:
+        bundle: bundle path / :class:`~edge_ad.runtime.Bundle` / loaded :class:`~edge_ad.runtime.Detector`.
+        source: frames to stream (anything :func:`~edge_ad.runtime.sources.open_source` takes);
+            None = ``warmup + iterations`` synthetic (height, width) = ``frame_size`` BGR frames.
+        warmup: engine calls / stream results left out of the figures (cold caches, lazy init).
+        iterations: measured engine calls, and at most this many measured stream results.
+        device: engine device (``"auto"`` = the bundle target's).
+        json_path: also write the report there as JSON.
+        frame_size: (height, width) of the synthetic frames.
+        lossless: stream mode (None = the source's default: lossless for files and synthetic frames).
+        progress: print a one-line note per phase to stderr.
+
+    Returns:
+        The report: ``{"bundle", "source", "frames", "mode", "engine_fps", "end_to_end_fps",
+        "stream_vs_engine", "stages": {stage: {p50, p95, p99}} (ms), "capture_to_decision_p99_ms",
+        "captured", "delivered", "dropped", "skipped", "peak_rss_mb", "engine", "engine_version",
+        "device", "precision", "target", "device_facts"}``.
+    """
+    from .detector import Detector
+
+    for name, v in (("warmup", warmup), ("iterations", iterations)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup" else 1):
+            raise ValueError(f"{name} must be an int >= {0 if name == 'warmup' else 1}, got {v!r}")
+    det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device)
+    if progress:
+        print(f"[benchmark] bare engine: {warmup} warm-up + {iterations} calls", file=sys.stderr)
+    engine_fps = _engine_fps(det, warmup, iterations)
+
+    total = warmup + iterations
+    src = synthetic_frames(total, *frame_size) if source is None else source
+    name = f"synthetic {frame_size[0]}x{frame_size[1]} BGR" if source is None else str(source)
+    if progress:
+        print(f"[benchmark] stream: {name}, up to {total} frames", file=sys.stderr)
+    times = {s: [] for s in STAGES}
+    t_first = t_last = None
+    measured = 0
+    with det.stream(src, lossless=lossless, max_frames=total if source is not None else None) as stream:
+        for k, res in enumerate(stream):
+            if k < warmup:
+                continue
+            now = time.monotonic()
+            if t_first is None:
+                t_first = now
+            t_last = now
+            measured += 1
+            for s in STAGES:
+                times[s].append(res.timings[s])
+    stats = stream.stats
+    # Rate over the measured results: (results - 1) intervals between the first and last one.
+    e2e = (measured - 1) / (t_last - t_first) if measured > 1 and t_last > t_first else float("nan")
+    m = det.bundle.manifest
+    stages = {s: _percentiles(v) for s, v in times.items()}
+    report = {
+        "bundle": str(det.bundle.source), "source": name, "frames": measured, "mode": stats.mode,
+        "engine_fps": engine_fps, "end_to_end_fps": e2e, "stream_vs_engine": e2e / engine_fps,
+        "stages": stages, "capture_to_decision_p99_ms": stages["capture_to_decision"]["p99"],
+        "captured": stats.captured, "delivered": stats.delivered, "dropped": stats.dropped,
+        "skipped": stats.skipped, "peak_rss_mb": _peak_rss_mb(), "engine": det.engine.name,
+        "engine_version": getattr(det.engine, "version", None), "device": det.engine.device,
+        "precision": m.precision, "target": m.target, "input": f"{m.input.height}x{m.input.width}",
+        "device_facts": device_facts(),
+    }
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a plain-text table to paste into a test report."""
+    f = report["device_facts"]
+    lines = [
+        f"bundle      {report['bundle']}",
+        f"engine      {report['engine']} {report['engine_version']} on {report['device']}, {report['precision']}, "
+        f"target {report['target']}, input {report['input']}",
+        f"cpu         {f['cpu']} ({f['cores']} cores, {f['machine']})",
+    ]
+    if f["gpu"]:
+        lines.append(f"gpu         {f['gpu']}")
+    if f["jetson_model"]:
+        lines.append(f"board       {f['jetson_model']}, power {f['nvpmodel'] or 'unknown'}, clocks "
+                     f"{f['clocks'] or 'unknown'}")
+    lines += [
+        f"source      {report['source']} ({report['mode']}, {report['frames']} measured frames)",
+        "",
+        f"{'stage':<22}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}",
+    ]
+    for s, p in report["stages"].items():
+        lines.append(f"{s:<22}{p['p50']:>10.3f}{p['p95']:>10.3f}{p['p99']:>10.3f}")
+    dropped = sum(report["dropped"].values())
+    skipped = sum(report["skipped"].values())
+    lines += [
+        "",
+        f"engine_fps        {report['engine_fps']:.1f}   (bare engine)",
+        f"end_to_end_fps    {report['end_to_end_fps']:.1f}   ({100 * report['stream_vs_engine']:.0f} % of engine)",
+        f"capture->decision p99 {report['capture_to_decision_p99_ms']:.2f} ms",
+        f"frames            captured {report['captured']}, delivered {report['delivered']}, dropped {dropped}, "
+        f"skipped {skipped}",
+        f"peak RSS          {report['peak_rss_mb']:.0f} MiB",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,278 @@
+"""On-site calibration: refit a bundle's decision thresholds on this camera's good frames.
+
+The thresholds shipped in a bundle were fitted on the training line's held-out good images. A
+new camera, lens, lighting or part batch shifts the model's score distribution, so the site
+refits them on its own good frames (no labels, no defects needed)::
+
+    det = Detector.load("bundle/")
+    report = det.calibrate("good_frames/", target_fpr=0.01)      # or a video, or a list of frames
+    # edge-ad calibrate bundle/ --source good_frames/ --target-fpr 0.01
+
+What happens (numpy only, torch-free; the bundle's own engine runs the frames):
+
+1. every good frame goes through the detector exactly as in production (same ROI, colour order,
+   preprocessing and engine), collecting the image score and the model-resolution anomaly map;
+2. :func:`edge_ad.calibration.fit_thresholds` (the same order-statistic rule as at conversion
+   time) gives the image threshold at ``target_fpr`` over the scores and the pixel threshold at
+   ``pixel_fpr`` over all map pixels;
+3. the thresholds are written to ``manifest.yaml`` with :func:`~edge_ad.runtime.update_manifest`
+   (re-sealed; the model graph is untouched: thresholds live in the manifest, never in the
+   graph, so nothing is re-exported), with provenance in ``thresholds.details``: frames used,
+   target FPRs, achieved FPRs, date, source, ROI, engine and the previous thresholds;
+4. a :class:`~edge_ad.runtime.Detector` calibrated through :meth:`Detector.calibrate` uses the
+   new thresholds from its next frame on.
+
+"Refit normalisation": the models normalise their outputs in-graph (``manifest.normalization``:
+good training images map to ~0 with unit spread), and that stays as exported. The site's shift is
+absorbed by the thresholds alone, and the display mapping follows them: ``Result.anomaly_map =
+clip(raw_map / (2 * pixel_threshold), 0, 1)``, so after calibration the refit pixel threshold is
+again the middle (0.5) of the colour scale and this camera's good pixels sit below it.
+
+At least :data:`MIN_FRAMES` frames are required; fewer than ``1 / target_fpr`` frames is allowed
+but warned about (the threshold is then the highest good score seen, see
+:mod:`edge_ad.calibration.thresholds`). Use frames of good parts only: a defect among them raises
+the threshold.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .bundle import Thresholds, load_bundle, update_manifest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .detector import Detector
+
+__all__ = ["MIN_FRAMES", "CalibrationReport", "apply_thresholds", "calibrate_bundle", "iter_frames"]
+
+#: Fewest good frames calibration accepts: below this the order statistic is mostly noise.
+MIN_FRAMES = 20
+_CHUNK = 8
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """What :func:`calibrate_bundle` fitted and saved.
+
+    Attributes:
+        thresholds: the new manifest thresholds (model units, as the detector compares them).
+        previous: the bundle's thresholds before calibration (None if it had none).
+        num_frames: good frames used.
+        image_fpr: fraction of those frames scoring above the new image threshold (<= target).
+        pixel_fpr: fraction of their model-resolution map pixels above the new pixel threshold.
+        scores: (num_frames,) float32 image scores of the frames, in input order.
+        saved: whether the manifest was updated.
+    """
+
+    thresholds: Thresholds
+    previous: Thresholds | None
+    num_frames: int
+    image_fpr: float
+    pixel_fpr: float
+    scores: np.ndarray
+    saved: bool
+
+
+def _source_frames(spec: str | os.PathLike) -> tuple[Iterator[np.ndarray], str]:
+    """Frames of a source spec (folder, video file, camera...) through ``edge_ad.runtime.sources``."""
+    from .sources import Skip, open_source
+
+    source = open_source(str(spec))
+
+    def frames() -> Iterator[np.ndarray]:
+        source.open()
+        try:
+            while True:
+                item = source.read()
+                if item is None:
+                    return
+                if isinstance(item, Skip):  # an unreadable file: calibration goes on without it
+                    warnings.warn(f"calibration skipped {item.detail}", UserWarning, stacklevel=2)
+                    continue
+                yield item
+        finally:
+            source.close()
+
+    return frames(), str(getattr(source, "name", spec))
+
+
+def iter_frames(good_frames: Any, max_frames: int | None = None) -> tuple[Iterator[np.ndarray], str]:
+    """``(frames, description)`` from a source spec string / path, a (N, H, W[, C]) array or an iterable of frames."""
+    if isinstance(good_frames, (str, os.PathLike)):
+        frames, name = _source_frames(good_frames)
+    elif isinstance(good_frames, np.ndarray):
+        if good_frames.ndim not in (3, 4):
+            raise ValueError(f"good_frames array must be (N, H, W) or (N, H, W, C), got shape {good_frames.shape}")
+        frames, name = iter(list(good_frames)), f"array{tuple(good_frames.shape)}"
+    elif isinstance(good_frames, Iterable):
+        frames, name = iter(good_frames), f"iterable:{type(good_frames).__name__}"
+    else:
+        raise TypeError(f"good_frames must be a source (folder / video path, camera spec), an array or an iterable of "
+                        f"uint8 frames, got {type(good_frames).__name__}")
+    if max_frames is not None:
+        if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < MIN_FRAMES:
+            raise ValueError(f"max_frames must be an int >= {MIN_FRAMES} (or None for all), got {max_frames!r}")
+        frames = (f for i, f in zip(range(max_frames), frames))
+    return frames, name
+
+
+def _run_frames(detector: "Detector", frames: Iterator[np.ndarray], roi: Any, color_order: str,
+                progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N,) and model-resolution maps (N, h, w) of all frames, in chunks of the engine batch."""
+    step = detector.engine.batch or _CHUNK
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm  # optional on the device
+
+            bar = tqdm(desc="calibrating", unit="frame")
+        except ImportError:
+            pass
+    scores: list[float] = []
+    maps: list[np.ndarray] = []
+    chunk: list[np.ndarray] = []
+
+    def flush() -> None:
+        with warnings.catch_warnings():  # "uncalibrated" is exactly what we are fixing
+            warnings.simplefilter("ignore", UserWarning)
+            results = detector.predict_batch(chunk, color_order=color_order, roi=roi)
+        for r in results:
+            scores.append(r.score)
+            maps.append(r.model_map)
+        if bar is not None:
+            bar.update(len(chunk))
+        chunk.clear()
+
+    try:
+        for frame in frames:
+            chunk.append(frame)
+            if len(chunk) == step:
+                flush()
+        if chunk:
+            flush()
+    finally:
+        if bar is not None:
+            bar.close()
+    if not scores:
+        return np.zeros(0, np.float32), np.zeros((0, 1, 1), np.float32)
+    return np.asarray(scores, np.float32), np.stack(maps).astype(np.float32, copy=False)
+
+
+def apply_thresholds(detector: "Detector", thresholds: Thresholds | None) -> None:
+    """Make ``detector`` use ``thresholds`` from its next frame on (decision and display mapping).
+
+    Each attribute assignment is atomic; a frame being postprocessed by another thread at that
+    instant may see the old image threshold with the new pixel threshold.
+    """
+    from .detector import DEFAULT_DISPLAY_THRESHOLD
+
+    image = thresholds.image_threshold if thresholds is not None else None
+    pixel = thresholds.pixel_threshold if thresholds is not None else None
+    detector.display_threshold = pixel if pixel is not None and pixel > 0 else DEFAULT_DISPLAY_THRESHOLD
+    detector.pixel_threshold = pixel
+    detector.image_threshold = image
+    detector._warned = False  # warn again if the new thresholds are still incomplete
+
+
+def calibrate_bundle(
+    bundle_dir: str | os.PathLike,
+    good_frames: Any,
+    target_fpr: float = 0.01,
+    *,
+    pixel_fpr: float | None = None,
+    device: str = "auto",
+    roi: tuple[int, int, int, int] | None = None,
+    color_order: str = "bgr",
+    max_frames: int | None = None,
+    save: bool = True,
+    detector: "Detector | None" = None,
+    progress: bool = True,
+) -> CalibrationReport:
+    """Refit a bundle's image and pixel thresholds on good frames of this site and save them.
+
+    Args:
+        bundle_dir: the bundle directory (a ``.tar`` only with ``save=False``: extract it first).
+        good_frames: frames of good parts only: a source spec (image folder, video file, camera
+            index / device, RTSP URL, GStreamer pipeline: :func:`edge_ad.runtime.sources.open_source`),
+            a (N, H, W[, C]) uint8 array, or an iterable of uint8 frames.
+        target_fpr: image false-positive rate to allow on good parts, in (0, 1) (0.01 = 1 %).
+        pixel_fpr: pixel false-positive rate for the pixel threshold; default: the bundle's
+            current ``pixel_fpr``, else 0.01.
+        device: engine device when ``detector`` is not given (``"auto"`` = the bundle target's).
+        roi: ``(x, y, w, h)`` crop applied to every frame, as in production.
+        color_order: ``"bgr"`` (OpenCV cameras), ``"rgb"`` or ``"gray"``.
+        max_frames: use at most this many frames (>= :data:`MIN_FRAMES`; None = all).
+        save: write the thresholds into ``manifest.yaml`` (re-sealed).
+        detector: run the frames on this already loaded detector of the same bundle.
+        progress: show a tqdm bar when tqdm is installed.
+
+    Returns:
+        :class:`CalibrationReport`.
+
+    Raises:
+        ValueError: fewer than :data:`MIN_FRAMES` frames, a bad ``target_fpr`` / ``pixel_fpr``,
+            or ``save=True`` on a ``.tar`` bundle.
+    """
+    from edge_ad.calibration.thresholds import fit_thresholds  # numpy only
+
+    for name, value in (("target_fpr", target_fpr), ("pixel_fpr", pixel_fpr)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0.0 < float(value) < 1.0):
+            raise ValueError(f"{name} must be a fraction in (0, 1) (0.01 = 1 %), got {value!r}")
+    path = Path(bundle_dir)
+    if save and not path.is_dir():
+        raise ValueError(f"{path} is not a bundle directory: calibration saves thresholds into manifest.yaml, so "
+                         "extract the .tar first (or pass save=False)")
+    if detector is None:
+        from .detector import Detector
+
+        detector = Detector.load(path, device)
+    previous = detector.bundle.thresholds
+    if pixel_fpr is None:
+        pixel_fpr = previous.pixel_fpr if previous is not None and previous.pixel_fpr else 0.01
+
+    frames, source_name = iter_frames(good_frames, max_frames)
+    scores, maps = _run_frames(detector, frames, roi, color_order, progress)
+    n = int(scores.size)
+    if n < MIN_FRAMES:
+        raise ValueError(
+            f"on-site calibration got {n} good frame(s) from {source_name}; it needs at least {MIN_FRAMES} (and "
+            f"{int(round(1 / target_fpr))} for one expected false positive at target_fpr={target_fpr:g}). Record more "
+            "frames of good parts (different parts, positions and lighting of a normal shift)"
+        )
+    fitted = fit_thresholds(scores, maps, target_fpr=float(target_fpr), pixel_fpr=float(pixel_fpr))
+    pixel_fit = float(np.count_nonzero(maps > fitted.pixel_threshold)) / maps.size
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    details = {
+        "calibrated": "on-site",
+        "date": created,
+        "num_images": n,
+        "fit_fpr": fitted.fit_fpr,
+        "pixel_fit_fpr": pixel_fit,
+        "method": fitted.method,
+        "score_stats": fitted.score_stats,
+        "map_stats": fitted.map_stats,
+        "map_resolution": f"{maps.shape[1]}x{maps.shape[2]}",
+        "roi": None if roi is None else ",".join(str(int(v)) for v in roi),
+        "color_order": color_order,
+        "engine": f"{detector.engine.name}:{detector.engine.device}",
+        "previous": {"image_threshold": previous.image_threshold if previous else None,
+                     "pixel_threshold": previous.pixel_threshold if previous else None,
+                     "source": previous.source if previous else None},
+    }
+    thresholds = Thresholds(image_threshold=fitted.image_threshold, pixel_threshold=fitted.pixel_threshold,
+                            target_fpr=float(target_fpr), pixel_fpr=float(pixel_fpr),
+                            source=f"on-site: {n} good frames of {source_name}", details=details)
+    if save:
+        update_manifest(path, {"thresholds": thresholds})
+        detector.bundle = load_bundle(path, verify=False)  # the manifest the detector reports is the saved one
+    apply_thresholds(detector, thresholds)
+    return CalibrationReport(thresholds=thresholds, previous=previous, num_frames=n, image_fpr=fitted.fit_fpr,
+                             pixel_fpr=pixel_fit, scores=scores, saved=bool(save))

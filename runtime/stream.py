@@ -1,0 +1,720 @@
+"""Streaming: a threaded capture -> preprocess -> infer -> postprocess pipeline over a frame source.
+
+::
+
+    with det.stream("rtsp://cam/1") as stream:    # or det.stream(0), a video, a folder, an iterable
+        for res in stream:                         # Results, in capture order
+            res.frame_index, res.capture_time, res.score, res.is_anomalous
+    stream.stats                                   # captured / delivered / dropped / skipped, queue depths
+
+Threads and queues (all bounded, so a slow consumer cannot make memory grow)::
+
+    capture --[frames: queue_size]--> submit --[engine slots]--> collect --[results: queue_size]--> consumer
+    (read + validate)                (preprocess into a slot     (wait, postprocess)           (the generator)
+                                      buffer, engine.start)
+
+* ``capture`` reads the source, stamps each frame (``frame_index``, ``time.monotonic()``,
+  ``time.time()``) and validates it; bad frames become reported skips.
+* ``submit`` takes a free engine slot, *then* the next frame (so in line-speed mode it takes the
+  freshest one), preprocesses straight into the slot's buffer and starts the engine
+  asynchronously; with two slots, frame k+1 is preprocessed while frame k infers.
+* ``collect`` waits for slots in start order, frees the slot, postprocesses (map resize,
+  thresholds, regions) and hands the :class:`~edge_ad.runtime.result.Result` to the consumer.
+
+Modes:
+
+* line-speed (``lossless=False``, default for live sources): a full frame queue drops its oldest
+  frame (``dropped["stale_frame"]``) and a full result queue its oldest result
+  (``dropped["slow_consumer"]``), so latency stays bounded when inference or the consumer is
+  slower than the camera;
+* lossless (``lossless=True``, default for files, folders, iterables): every frame is processed
+  and delivered in order; full queues block the stage before them (back-pressure down to capture).
+
+Accounting, exact once the stream has ended: ``captured == delivered + sum(dropped) +
+sum(skipped)``; frames abandoned by ``close()`` count as ``dropped["shutdown"]``.
+
+Source loss (:class:`~edge_ad.runtime.sources.SourceError`): with ``reconnect`` the source is
+re-opened with exponential back-off (:class:`ReconnectPolicy`), each step reported as a
+:class:`StreamEvent` (``stream.events``) and logged on the ``edge_ad.runtime.stream`` logger; when
+it gives up (or cannot reconnect), the results already made are delivered and the iteration then
+raises :class:`StreamError` naming the source and the last error.
+
+Shutdown: ``close()``, leaving a ``with`` block, closing / breaking out of the iteration, or
+Ctrl-C in the consumer stop the threads and join them; in-flight engine requests are waited for.
+A source blocked inside its own ``read`` (a driver that never returns) cannot be interrupted from
+Python: ``close()`` then gives up on that thread after ``join_timeout`` seconds and says so.
+
+Torch-free.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .preprocessing import COLOR_ORDERS
+from .result import Result
+from .sources import FrameSource, Skip, SourceError, open_source
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .detector import Detector
+
+__all__ = ["ReconnectPolicy", "Stream", "StreamError", "StreamEvent", "StreamStats"]
+
+log = logging.getLogger(__name__)
+
+#: How many skip records ``stats.skips`` keeps (the counts in ``stats.skipped`` are complete).
+MAX_SKIP_RECORDS = 100
+#: How many events ``stream.events`` keeps (oldest forgotten first).
+MAX_EVENTS = 1000
+_POLL_S = 0.05  # blocking waits wake this often to notice close() / Ctrl-C
+
+
+class StreamError(RuntimeError):
+    """The stream ended because its source was lost for good or a pipeline stage failed."""
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """Exponential back-off for re-opening a lost source.
+
+    Attempt k (1-based) waits ``min(initial_delay * factor ** (k - 1), max_delay)`` seconds
+    before re-opening; after ``max_attempts`` failed attempts the stream gives up.
+    """
+
+    initial_delay: float = 0.5
+    factor: float = 2.0
+    max_delay: float = 10.0
+    max_attempts: int = 8
+
+    def __post_init__(self) -> None:
+        if not (self.initial_delay >= 0 and self.factor >= 1 and self.max_delay >= 0):
+            raise ValueError(f"ReconnectPolicy needs initial_delay >= 0, factor >= 1, max_delay >= 0; got {self}")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ValueError(f"ReconnectPolicy.max_attempts must be an int >= 1, got {self.max_attempts!r}")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt`` (1-based)."""
+        return min(self.initial_delay * self.factor ** (attempt - 1), self.max_delay)
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """Something that happened to a stream (source lost, reconnect attempt, skip, end, ...).
+
+    Attributes:
+        time: ``time.monotonic()`` seconds.
+        kind: ``source_lost``, ``reconnect_attempt``, ``reconnect_failed``, ``reconnected``,
+            ``gave_up``, ``skip``, ``source_ended``, ``error``, ``close_timeout``.
+        message: human-readable detail.
+    """
+
+    time: float
+    kind: str
+    message: str
+
+
+@dataclass
+class StreamStats:
+    """A snapshot of a stream's counters (``stream.stats``); :meth:`to_dict` for JSON.
+
+    Attributes:
+        source: the source's name.
+        mode: ``"lossless"`` or ``"line-speed"``.
+        running: threads still running.
+        captured: frames (and skipped items) read from the source.
+        processed: frames inferred.
+        delivered: results handed to the consumer.
+        dropped: reason -> frames dropped (``stale_frame``, ``slow_consumer``, ``shutdown``).
+        skipped: reason -> items skipped (``bad_frame``, ``unreadable_file``, ...).
+        skips: the first :data:`MAX_SKIP_RECORDS` skips: ``{"frame_index", "reason", "detail"}``.
+        reconnects: successful reconnections.
+        queues: ``{"frames" | "results" | "slots": {"bound": int, "max_depth": int}}``: the deepest
+            each queue ever got (never above its bound).
+        elapsed_s: seconds since the stream started (to its end once ended).
+        fps: delivered / elapsed_s.
+        error: why the stream ended early, or None.
+    """
+
+    source: str
+    mode: str
+    running: bool
+    captured: int
+    processed: int
+    delivered: int
+    dropped: dict[str, int]
+    skipped: dict[str, int]
+    skips: list[dict[str, Any]]
+    reconnects: int
+    queues: dict[str, dict[str, int]]
+    elapsed_s: float
+    fps: float
+    error: str | None
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dropped_total"], d["skipped_total"] = self.dropped_total, self.skipped_total
+        return d
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class _Closed:
+    """Sentinel: the queue was closed and is empty."""
+
+
+CLOSED = _Closed()
+
+
+class BoundedQueue:
+    """A FIFO of at most ``maxsize`` items that records its deepest fill (``max_depth``).
+
+    ``put(drop_oldest=True)`` never blocks: a full queue gives up its oldest item (returned to the
+    caller to count). ``put(drop_oldest=False)`` blocks until there is room or the queue closes.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.max_depth = 0
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, item: Any, *, drop_oldest: bool) -> tuple[bool, Any]:
+        """-> (accepted, dropped item or None). Not accepted only when the queue was closed."""
+        with self._cond:
+            dropped = None
+            while len(self._items) >= self.maxsize and not self._closed:
+                if drop_oldest:
+                    dropped = self._items.popleft()
+                    break
+                self._cond.wait(_POLL_S)
+            if self._closed:
+                return False, dropped
+            self._items.append(item)
+            self.max_depth = max(self.max_depth, len(self._items))
+            self._cond.notify_all()
+            return True, dropped
+
+    def get(self) -> Any:
+        """Oldest item; blocks; :data:`CLOSED` once the queue is closed and empty."""
+        with self._cond:
+            while not self._items:
+                if self._closed:
+                    return CLOSED
+                self._cond.wait(_POLL_S)  # timed, so Ctrl-C reaches a consumer blocked here
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def close(self) -> None:
+        """Refuse new items; ``get`` drains what is left, then returns :data:`CLOSED`."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def drain(self) -> list:
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+            return items
+
+
+@dataclass
+class _Frame:
+    index: int
+    frame: np.ndarray
+    view: np.ndarray
+    t_mono: float
+    t_wall: float
+    capture_ms: float
+    slot: int = -1
+    preprocess_ms: float = 0.0
+    t_start: float = 0.0
+    uses_lock: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Stream:
+    """A running (or ready) stream of :class:`Result` s; build it with :meth:`Detector.stream`.
+
+    Iterate it once. Threads start at the first iteration (or ``with``); a source that cannot be
+    opened raises :class:`~edge_ad.runtime.sources.SourceError` right there.
+    """
+
+    def __init__(self, detector: "Detector", source: Any, *, lossless: bool | None = None, queue_size: int = 2,
+                 color_order: str = "bgr", roi: tuple[int, int, int, int] | None = None,
+                 reconnect: bool | ReconnectPolicy = True, keep_frames: bool = False, max_frames: int | None = None,
+                 join_timeout: float = 5.0) -> None:
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be an int >= 1 (frames), got {queue_size!r}")
+        if color_order not in COLOR_ORDERS:
+            raise ValueError(f"color_order must be one of {COLOR_ORDERS}, got {color_order!r}")
+        if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
+                                       or max_frames < 1):
+            raise ValueError(f"max_frames must be None or an int >= 1, got {max_frames!r}")
+        if reconnect is True:
+            reconnect = ReconnectPolicy()
+        elif reconnect is not False and not isinstance(reconnect, ReconnectPolicy):
+            raise TypeError(f"reconnect must be True, False or a ReconnectPolicy, got {reconnect!r}")
+        if roi is not None:  # fail now, not as one skip per frame
+            from .preprocessing import _is_int
+
+            if len(tuple(roi)) != 4 or not all(_is_int(v) for v in roi):
+                raise TypeError(f"roi must be a tuple of four ints (x, y, w, h) in pixels, got {roi!r}")
+            roi = tuple(int(v) for v in roi)
+        self.detector = detector
+        self.source: FrameSource = open_source(source)
+        self.lossless = (not self.source.live) if lossless is None else bool(lossless)
+        self.queue_size = queue_size
+        self.color_order = color_order
+        self.roi = roi
+        self.reconnect: ReconnectPolicy | None = reconnect or None
+        self.keep_frames = bool(keep_frames)
+        self.max_frames = max_frames
+        self.join_timeout = float(join_timeout)
+
+        engine = detector.engine
+        # Slot 0 belongs to Detector.predict (under its lock); a stream uses the others. An engine
+        # with a single slot is shared with predict through the detector's lock.
+        self._slots = list(range(1, engine.num_slots)) if engine.num_slots > 1 else [0]
+        self._frames = BoundedQueue(queue_size)
+        self._inflight = BoundedQueue(len(self._slots))
+        self._free = BoundedQueue(len(self._slots))
+        for s in self._slots:
+            self._free.put(s, drop_oldest=False)
+        self._results = BoundedQueue(queue_size)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # guards the counters below
+        self._captured = self._processed = self._delivered = self._reconnects = 0
+        self._max_inflight = 0
+        self._dropped: collections.Counter[str] = collections.Counter()
+        self._skipped: collections.Counter[str] = collections.Counter()
+        self._skips: list[dict[str, Any]] = []
+        self.events: collections.deque[StreamEvent] = collections.deque(maxlen=MAX_EVENTS)
+        self._error: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+        self._started = self._closed = self._iterated = False
+        self._t0 = self._t_end = 0.0
+
+    # -- public ----------------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return "lossless" if self.lossless else "line-speed"
+
+    @property
+    def stats(self) -> StreamStats:
+        """A consistent snapshot of the counters (safe to read from any thread, any time)."""
+        with self._lock:
+            end = self._t_end or time.monotonic()
+            elapsed = end - self._t0 if self._started else 0.0
+            return StreamStats(
+                source=self.source.name, mode=self.mode, running=any(t.is_alive() for t in self._threads),
+                captured=self._captured, processed=self._processed, delivered=self._delivered,
+                dropped=dict(self._dropped), skipped=dict(self._skipped), skips=list(self._skips),
+                reconnects=self._reconnects,
+                queues={"frames": {"bound": self._frames.maxsize, "max_depth": self._frames.max_depth},
+                        "results": {"bound": self._results.maxsize, "max_depth": self._results.max_depth},
+                        "slots": {"bound": len(self._slots), "max_depth": self._max_inflight}},
+                elapsed_s=elapsed, fps=self._delivered / elapsed if elapsed > 0 else 0.0,
+                error=str(self._error) if self._error is not None else None,
+            )
+
+    def start(self) -> "Stream":
+        """Open the source and start the threads (iteration and ``with`` do this for you)."""
+        if self._closed:
+            raise RuntimeError("this stream was closed; start a new one with detector.stream(...)")
+        if self._started:
+            return self
+        self.source.open()  # SourceError / ImportError reach the caller directly
+        self.detector._warn_uncalibrated()
+        self._started = True
+        self._t0 = time.monotonic()
+        for name, target in (("capture", self._capture_loop), ("submit", self._submit_loop),
+                             ("collect", self._collect_loop)):
+            t = threading.Thread(target=self._guard, args=(name, target), name=f"edge_ad-stream-{name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        return self
+
+    def __iter__(self) -> Iterator[Result]:
+        if self._iterated:
+            raise RuntimeError("a stream can be iterated once; start a new one with detector.stream(...)")
+        self._iterated = True
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # releases what the failed open may hold
+            raise
+        return self._results_gen()
+
+    def _results_gen(self) -> Iterator[Result]:
+        try:
+            while True:
+                item = self._results.get()
+                if item is CLOSED:
+                    break
+                with self._lock:
+                    self._delivered += 1
+                yield item
+            self._join()
+            if self._error is not None:
+                raise StreamError(str(self._error)) from self._error
+        finally:  # normal end, break / generator close, consumer exception, Ctrl-C
+            self.close()
+
+    def close(self) -> None:
+        """Stop the threads, wait for in-flight inference, release the source. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if not self._started:
+            self.source.close()
+            return
+        # Close before draining, so no stage can slip an item in between.
+        self._frames.close()
+        self._free.close()
+        self._results.close()
+        left = self._frames.drain() + self._results.drain()
+        if left:
+            with self._lock:
+                self._dropped["shutdown"] += len(left)
+        self._join()
+        # Anything a stage enqueued between the drain and its exit.
+        left = self._frames.drain() + self._results.drain()
+        if left:
+            with self._lock:
+                self._dropped["shutdown"] += len(left)
+        self.source.close()
+
+    def __enter__(self) -> "Stream":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (f"Stream({self.source.name!r}, {self.mode}, captured={s.captured}, delivered={s.delivered}, "
+                f"dropped={s.dropped_total}, skipped={s.skipped_total})")
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _join(self) -> None:
+        deadline = time.monotonic() + self.join_timeout
+        for t in self._threads:
+            if t is threading.current_thread():
+                continue
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                self._event("close_timeout", f"thread {t.name} did not stop within {self.join_timeout:g} s (a source "
+                                             "read that never returns?); it is a daemon thread and will not block exit")
+        with self._lock:
+            if not self._t_end:
+                self._t_end = time.monotonic()
+
+    def _event(self, kind: str, message: str, level: int = logging.INFO) -> None:
+        self.events.append(StreamEvent(time.monotonic(), kind, message))
+        log.log(level, "%s: %s: %s", self.source.name, kind, message)
+
+    def _guard(self, name: str, target: Any) -> None:
+        """Run a stage; an unexpected exception stops the whole stream and is re-raised to the consumer."""
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - reported to the consumer, never swallowed
+            with self._lock:
+                if self._error is None:
+                    self._error = exc if isinstance(exc, StreamError) else StreamError(
+                        f"stream stage '{name}' failed: {type(exc).__name__}: {exc}")
+                    self._error.__cause__ = exc
+            self._event("error", str(self._error), logging.ERROR)
+            self._stop.set()
+            # Unblock the other stages; the consumer gets what is queued, then the error.
+            self._frames.close()
+            self._free.close()
+            self._inflight.close()
+            self._results.close()
+
+    def _skip(self, index: int, reason: str, detail: str) -> None:
+        with self._lock:
+            self._skipped[reason] += 1
+            if len(self._skips) < MAX_SKIP_RECORDS:
+                self._skips.append({"frame_index": index, "reason": reason, "detail": detail})
+        self._event("skip", f"frame {index}: {reason}: {detail}", logging.WARNING)
+
+    def _read(self) -> Any:
+        """One item from the source, reconnecting with back-off when it is lost. None = ended."""
+        try:
+            return self.source.read()
+        except SourceError as exc:
+            lost = exc
+        self._event("source_lost", str(lost), logging.WARNING)
+        policy = self.reconnect
+        if policy is None or not self.source.reopenable:
+            why = "reconnect is off" if policy is None else "this kind of source cannot be re-opened"
+            raise StreamError(f"source {self.source.name} was lost ({lost}) and {why}")
+        last: Exception = lost
+        t_lost = time.monotonic()
+        for attempt in range(1, policy.max_attempts + 1):
+            delay = policy.delay(attempt)
+            self._event("reconnect_attempt", f"attempt {attempt}/{policy.max_attempts} in {delay:.2f} s")
+            if self._stop.wait(delay):
+                return None
+            try:
+                self.source.close()
+                self.source.open()
+            except (SourceError, OSError) as exc:
+                last = exc
+                self._event("reconnect_failed", f"attempt {attempt}: {exc}", logging.WARNING)
+                continue
+            with self._lock:
+                self._reconnects += 1
+            self._event("reconnected", f"after {attempt} attempt(s), {time.monotonic() - t_lost:.2f} s")
+            return self._read()
+        message = (f"gave up on source {self.source.name} after {policy.max_attempts} reconnect attempts over "
+                   f"{time.monotonic() - t_lost:.1f} s; last error: {last}. Check the cable / network / path, or "
+                   "pass reconnect=ReconnectPolicy(max_attempts=...) to wait longer")
+        self._event("gave_up", message, logging.ERROR)
+        raise StreamError(message)
+
+    def _capture_loop(self) -> None:
+        index = 0
+        drop = not self.lossless
+        try:
+            while not self._stop.is_set():
+                if self.max_frames is not None and index >= self.max_frames:
+                    self._event("source_ended", f"max_frames={self.max_frames} reached")
+                    break
+                t0 = time.perf_counter()
+                try:
+                    item = self._read()
+                except StreamError as exc:  # the source is gone for good: deliver what is in flight, then raise
+                    with self._lock:
+                        self._error = exc
+                    break
+                t_mono, t_wall = time.monotonic(), time.time()
+                if item is None:
+                    msg = self.source.end_message
+                    self._event("source_ended", msg or "end of source", logging.WARNING if msg else logging.INFO)
+                    break
+                capture_ms = (time.perf_counter() - t0) * 1e3
+                with self._lock:
+                    self._captured += 1
+                i, index = index, index + 1
+                if isinstance(item, Skip):
+                    self._skip(i, item.reason, item.detail)
+                    continue
+                try:
+                    view = self.detector._prepare(item, self.roi, self.color_order, f"frame {i}")
+                except (TypeError, ValueError) as exc:
+                    self._skip(i, "bad_frame", str(exc))
+                    continue
+                ok, old = self._frames.put(_Frame(i, item, view, t_mono, t_wall, capture_ms), drop_oldest=drop)
+                with self._lock:
+                    if old is not None:
+                        self._dropped["stale_frame"] += 1
+                    if not ok:
+                        self._dropped["shutdown"] += 1
+        finally:
+            self._frames.close()
+
+    def _submit_loop(self) -> None:
+        det, engine = self.detector, self.detector.engine
+        try:
+            while True:
+                slot = self._free.get()
+                if slot is CLOSED:
+                    break
+                item = self._frames.get()
+                if item is CLOSED:
+                    break
+                uses_lock = slot == 0
+                if uses_lock:  # released by the collect thread after wait()
+                    det._lock.acquire()
+                try:
+                    t0 = time.perf_counter()
+                    det._preprocess_into(slot, [item.view], self.color_order)
+                    t1 = time.perf_counter()
+                    engine.start(slot, 1)
+                except BaseException:
+                    if uses_lock:
+                        det._lock.release()
+                    raise
+                item.slot, item.preprocess_ms, item.t_start, item.uses_lock = slot, (t1 - t0) * 1e3, t1, uses_lock
+                self._inflight.put(item, drop_oldest=False)
+                with self._lock:
+                    self._max_inflight = max(self._max_inflight, self._inflight.max_depth)
+        finally:
+            self._inflight.close()
+
+    def _collect_loop(self) -> None:
+        det, engine = self.detector, self.detector.engine
+        drop = not self.lossless
+        try:
+            while True:
+                item = self._inflight.get()
+                if item is CLOSED:
+                    break
+                try:
+                    maps, scores = engine.wait(item.slot)
+                finally:
+                    if item.uses_lock:
+                        det._lock.release()
+                    self._free.put(item.slot, drop_oldest=False)
+                t1 = time.perf_counter()
+                with self._lock:
+                    self._processed += 1
+                if self._stop.is_set():  # closing: in-flight work is finished but not delivered
+                    with self._lock:
+                        self._dropped["shutdown"] += 1
+                    continue
+                res = det._postprocess(maps[0], float(scores[0]), item.view.shape[:2], self.roi)
+                t2 = time.perf_counter()
+                res.frame_index, res.capture_time, res.capture_wall_time = item.index, item.t_mono, item.t_wall
+                res.source = self.source.name
+                res.frame = item.frame if self.keep_frames else None
+                res.timings = {"capture": item.capture_ms, "preprocess": item.preprocess_ms,
+                               "infer": (t1 - item.t_start) * 1e3, "postprocess": (t2 - t1) * 1e3,
+                               "capture_to_decision": (time.monotonic() - item.t_mono) * 1e3}
+                ok, old = self._results.put(res, drop_oldest=drop)
+                with self._lock:
+                    if old is not None:
+                        self._dropped["slow_consumer"] += 1
+                    if not ok:
+                        self._dropped["shutdown"] += 1
+        finally:
+            self._results.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# run_stream: what `edge-ad run` does
+# ------------------------------------------------------------------------------------------------
+
+
+def result_record(res: Result) -> dict[str, Any]:
+    """One stream :class:`Result` as the JSON-lines object of ``edge-ad run --jsonl`` (no maps).
+
+    Keys: ``frame_index``, ``capture_time`` (monotonic s), ``capture_wall_time`` (Unix s),
+    ``source``, ``score``, ``is_anomalous``, ``regions`` (list of ``{x, y, w, h, area_px, peak}``
+    in frame pixels, or null), ``roi``, ``timings`` (ms).
+    """
+    return {
+        "frame_index": res.frame_index, "capture_time": res.capture_time, "capture_wall_time": res.capture_wall_time,
+        "source": res.source, "score": float(res.score), "is_anomalous": res.is_anomalous,
+        "regions": [r._asdict() for r in res.regions] if res.regions is not None else None,
+        "roi": list(res.roi) if res.roi is not None else None,
+        "timings": {k: round(float(v), 4) for k, v in res.timings.items()},
+    }
+
+
+def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None = None, jsonl: str | None = None,
+               lossless: bool | None = None, max_frames: int | None = None, device: str = "auto",
+               roi: tuple[int, int, int, int] | None = None, color_order: str = "bgr", queue_size: int = 2,
+               reconnect: bool | ReconnectPolicy = True, progress: bool = True) -> StreamStats:
+    """Stream a bundle over a source, writing JSON lines / an overlay video / a window. ``edge-ad run``.
+
+    Args:
+        bundle: bundle directory / ``.tar`` / :class:`~edge_ad.runtime.Bundle`, or a loaded
+            :class:`~edge_ad.runtime.Detector`.
+        source: what :func:`~edge_ad.runtime.sources.open_source` takes.
+        show: show frames with the overlay in an OpenCV window (press ``q`` or Esc to stop).
+        save: write the overlaid frames to this video file (``.mp4`` mp4v / ``.avi`` MJPG) at the
+            source's frame rate (25 fps when unknown).
+        jsonl: write one JSON object per result (:func:`result_record`), then a final
+            ``{"stats": ...}`` line (:meth:`StreamStats.to_dict`).
+        lossless, max_frames, roi, color_order, queue_size, reconnect: as :meth:`Detector.stream`.
+        device: engine device (``"auto"`` = the bundle target's).
+        progress: a tqdm bar (when tqdm is installed) counting results.
+
+    Returns:
+        The stream's final :class:`StreamStats`.
+
+    Raises:
+        StreamError: the source was lost for good (after the results made so far were written).
+    """
+    import json
+
+    from .detector import Detector
+
+    det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device)
+    draw = None
+    if show or save:
+        from .overlay import draw_overlay as draw  # written by the overlay module; imported only when drawing
+    cv2 = None
+    if show or save:
+        from ._cv import require_cv2
+
+        cv2 = require_cv2("show / save overlay frames")
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="edge-ad run", unit="frame", total=max_frames)
+        except ImportError:
+            bar = None
+    out = open(jsonl, "w", encoding="utf-8") if jsonl else None  # noqa: SIM115 - closed in finally
+    writer = None
+    writer_size = (0, 0)
+    stream = det.stream(source, lossless=lossless, queue_size=queue_size, color_order=color_order, roi=roi,
+                        reconnect=reconnect, keep_frames=bool(show or save), max_frames=max_frames)
+    try:
+        with stream:
+            for res in stream:
+                if out is not None:
+                    out.write(json.dumps(result_record(res)) + "\n")
+                if draw is not None:
+                    frame = res.frame if res.frame.ndim == 3 else cv2.cvtColor(res.frame, cv2.COLOR_GRAY2BGR)
+                    if color_order == "rgb":
+                        frame = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+                    image = draw(frame, res)
+                    if save:
+                        if writer is None:
+                            fourcc = "MJPG" if str(save).lower().endswith(".avi") else "mp4v"
+                            writer = cv2.VideoWriter(str(save), cv2.VideoWriter_fourcc(*fourcc),
+                                                     stream.source.fps or 25.0, (image.shape[1], image.shape[0]))
+                            if not writer.isOpened():
+                                raise OSError(f"cannot write video {save}: this OpenCV has no {fourcc} encoder; try "
+                                              "a .avi file name (MJPG)")
+                            writer_size = (image.shape[1], image.shape[0])
+                        # A video has one frame size; a source whose size changes is resized to the first.
+                        if (image.shape[1], image.shape[0]) != writer_size:
+                            image = cv2.resize(image, writer_size)
+                        writer.write(image)
+                    if show:
+                        cv2.imshow("edge-ad run", image)
+                        if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                            break
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        stats = stream.stats
+        if out is not None:
+            out.write(json.dumps({"stats": stats.to_dict()}) + "\n")
+            out.close()
+        if writer is not None:
+            writer.release()
+        if show and cv2 is not None:
+            cv2.destroyAllWindows()
+        if bar is not None:
+            bar.close()
+    return stats
+
