@@ -23,5 +23,5 @@ echo "[setup] installing $TORCH_SPEC"
 echo "[setup] building and installing edge-ad (C++ extension included) with extras train,convert,opencv,dev"
 # Pass the same torch pin again so no extra's dependency can swap the build underneath us.
 # shellcheck disable=SC2086
-"${PIP[@]}" install -q -e ".[train,convert,opencv,dev]" $TORCH_SPEC
+"${PIP[@]}" install -q -e ".[train,convert,opencv,synth,dev]" $TORCH_SPEC
 "$VENV/bin/edge-ad" info

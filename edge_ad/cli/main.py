@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "run": ("run", "stream a bundle over a camera / video / folder / URL / pipeline: JSONL, overlay video (torch-free)"),
     "benchmark": ("benchmark", "per-stage latency, streaming vs bare-engine FPS, RSS and device facts (torch-free)"),
     "calibrate": ("calibrate", "refit a bundle's thresholds on this camera's good frames, saved to its manifest (torch-free)"),
+    "synth": ("synth", "generator-made anomaly data (text-to-image, inpainting, feature filter) in MVTec layout"),
 }
 
 

@@ -200,8 +200,13 @@ class ScoreNormalizer(nn.Module):
 
 
 def _safe_scale(std: torch.Tensor, loc: torch.Tensor) -> float:
-    """A strictly positive scale: constant inputs (std 0) must not turn into inf / NaN outputs."""
-    floor = max(1e-12, 1e-6 * abs(float(loc)))
+    """A strictly positive scale: constant inputs (std 0) must not turn into inf / NaN outputs.
+
+    The floor is relative to the location (1e-3 of it): a near-constant good-image score (e.g. an
+    untrained image head of a sigmoid model) would otherwise divide float32 rounding, and any
+    quantisation error, by ~1e-6 and blow them up into whole normalised units.
+    """
+    floor = max(1e-6, 1e-3 * abs(float(loc)))
     return max(float(std), floor)
 
 

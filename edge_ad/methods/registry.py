@@ -17,6 +17,7 @@ __all__ = ["MethodEntry", "build_detector", "get_method", "list_methods", "make_
 
 #: name -> module exporting ``METHOD``. One line per method.
 _METHOD_MODULES: dict[str, str] = {
+    "anomalyvfm": "edge_ad.methods.anomalyvfm",
     "foundad": "edge_ad.methods.foundad",
     "knn": "edge_ad.methods.knn",
     "visualad": "edge_ad.methods.visualad",

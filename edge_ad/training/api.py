@@ -159,8 +159,9 @@ def train(
         category: the category to fit (few-shot / memory methods); zero-shot methods take
             ``categories`` instead (``category`` alone counts as a one-element list).
         categories: auxiliary categories of a zero-shot method (None = every category in ``data``).
-        synthetic_fraction: zero-shot methods: share of each batch that is an on-the-fly
-            CutPaste / Perlin anomaly on a good image (default 0.5; 1.0 = synthetic only).
+        synthetic_fraction: zero-shot methods: share of each batch drawn from good images, half
+            of them with an on-the-fly CutPaste / Perlin anomaly (default 0.5; 1.0 = no real
+            annotated samples).
         holdout_fraction: zero-shot methods: share of each category's samples held back and
             scored at the end (``train_log.json["holdout"]``).
         out: run directory to write (``model.safetensors``, ``config.yaml``, ``train_log.json``).

@@ -6,9 +6,10 @@ defect" looks like from categories other than the deployment's, as their referen
 
 * **real annotated samples**: the test splits of the auxiliary MVTec-layout categories (anomalous
   images with their masks and good test images with empty masks);
-* **cheap synthetic anomalies**: a fraction ``synthetic_fraction`` of every batch is built on the
-  fly from the categories' ``train/good`` images with :class:`~edge_ad.synth.CutPaste` or
-  :class:`~edge_ad.synth.PerlinAnomaly` (50 / 50), so a CPU box trains without a generator;
+* **cheap synthetic anomalies**: a fraction ``synthetic_fraction`` of every batch is drawn from
+  the categories' ``train/good`` images, half of them (:data:`SYNTHETIC_ANOMALY_PROB`) with an
+  on-the-fly :class:`~edge_ad.synth.CutPaste` or :class:`~edge_ad.synth.PerlinAnomaly` anomaly
+  (50 / 50) and half clean, as negatives; so a CPU box trains without a generator;
   generator-made triplets (``edge-ad synth``) are written in MVTec layout and come in as real
   annotated categories.
 
@@ -53,6 +54,8 @@ __all__ = [
 
 #: Fixed synthetic hold-out anomalies per held-back good image (seeded independently of training).
 SYNTHETIC_HOLDOUT_PER_IMAGE = 2
+#: Share of the synthetic part of a batch that receives an anomaly (the rest are clean negatives).
+SYNTHETIC_ANOMALY_PROB = 0.5
 #: Decoded, resized samples kept in memory (a full MVTec run at 768 px would not fit otherwise).
 CACHE_SIZE = 512
 
@@ -247,7 +250,10 @@ class _BatchMaker:
         for _ in range(self.batch_size):
             if rng.random() < self.synthetic_fraction:
                 item = self.data.good[int(rng.integers(len(self.data.good)))]
-                pairs.append(self.synthetic(item, rng))
+                if rng.random() < SYNTHETIC_ANOMALY_PROB:
+                    pairs.append(self.synthetic(item, rng))
+                else:  # the clean image: without negatives the image head learns "always defective"
+                    pairs.append(self.cache.get(item.record))
             else:
                 item = self.data.annotated[int(rng.integers(len(self.data.annotated)))]
                 pairs.append(self.cache.get(item.record))
