@@ -7,6 +7,10 @@ Export and fidelity (importing this package does not import torch; :func:`export
     fidelity_report(reference, candidate, data, ...) -> FidelityReport (.to_dict/.table/.save)
     onnxruntime_runner(path, providers=("CPUExecutionProvider",)) -> runner;  torch_runner(module)
 
+Distillation (teacher run -> small ``student`` run; see :mod:`edge_ad.converters.distill`)::
+
+    distill(run_dir, student, data, category, out, image_size=None, steps=None, ...) -> Path
+
 A runner is any callable ``images float32 (B, 3, H, W) -> (maps (B, 1, H, W), scores (B,))``.
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .export import (
     read_onnx_metadata,
     validate_onnx,
 )
+from .distill import distill, distillation_fidelity
 from .fidelity import FidelityReport, OnnxRuntimeRunner, Runner, fidelity_report, onnxruntime_runner, torch_runner
 
 __all__ = [
@@ -31,6 +36,8 @@ __all__ = [
     "Runner",
     "UnsupportedGraphError",
     "check_onnx_graph",
+    "distill",
+    "distillation_fidelity",
     "export_onnx",
     "fidelity_report",
     "find_control_flow",

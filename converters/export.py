@@ -305,8 +305,8 @@ def export_onnx(
     opset: int = MIN_OPSET,
     check: bool = True,
     validate_images: np.ndarray | None = None,
-    atol: float = 1e-4,
-    rtol: float = 1e-4,
+    atol: float = 1e-2,
+    rtol: float = 1e-3,
     external_data: bool | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -331,6 +331,10 @@ def export_onnx(
             at trace time only shows on other data. The reference runs on the module's device;
             export a CPU module for the tightest check (CUDA convolutions default to TF32).
         atol, rtol: validation tolerance (map units: normalised good-image standard deviations).
+            The default 1e-2 (1 % of a good-image spread) is far below any decision threshold
+            (~3) yet above float32 reassociation noise: a knn run's distance MatMul
+            (|a|^2 + |b|^2 - 2ab over a large bank) differs between torch and onnxruntime by up to
+            ~4e-3 at 320 px. Export bugs (frozen control flow, a wrong resize) give errors of order 1.
         external_data: store weights in ``<path>.data`` beside the graph; None = only when the
             weights exceed :data:`EXTERNAL_DATA_THRESHOLD_BYTES` (protobuf cannot hold 2 GiB).
         metadata: extra metadata props (``key -> str`` or JSON-serialisable value), stored under
@@ -452,8 +456,8 @@ def validate_onnx(
     detector: "torch.nn.Module",
     images: np.ndarray,
     *,
-    atol: float = 1e-4,
-    rtol: float = 1e-4,
+    atol: float = 1e-2,
+    rtol: float = 1e-3,
     raise_on_failure: bool = True,
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
 ) -> ExportValidation:

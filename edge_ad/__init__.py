@@ -21,6 +21,7 @@ _LAZY = {
     "train": "edge_ad.training",
     "evaluate": "edge_ad.evaluation",
     "convert": "edge_ad.converters.convert",
+    "distill": "edge_ad.converters.distill",
     "preprocess": "edge_ad.runtime",
     "Detector": "edge_ad.runtime",
 }

@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "build-engine": ("build_engine", "build / reuse the TensorRT engine of a bundle on the device (torch-free)"),
     "run": ("run", "stream a bundle over a camera / video / folder / URL / pipeline: JSONL, overlay video (torch-free)"),
     "benchmark": ("benchmark", "per-stage latency, streaming vs bare-engine FPS, RSS and device facts (torch-free)"),
+    "distill": ("distill", "teacher run -> small student run that reproduces its maps and scores (knowledge distillation)"),
     "calibrate": ("calibrate", "refit a bundle's thresholds on this camera's good frames, saved to its manifest (torch-free)"),
     "synth": ("synth", "generator-made anomaly data (text-to-image, inpainting, feature filter) in MVTec layout"),
 }

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic-fraction", type=float, default=None, help="zero-shot methods: share of each "
                         "batch drawn from good images, half with a CutPaste / Perlin anomaly (default 0.5; 1 = "
                         "synthetic only)")
+    parser.add_argument("--synthetic-anomaly-prob", type=float, default=0.5, help="zero-shot methods: share of "
+                        "those good images given an anomaly; the rest are clean negatives (1 = all anomalous)")
     parser.add_argument("--holdout-fraction", type=float, default=0.2, help="zero-shot methods: share of samples "
                         "held back and scored at the end")
     parser.add_argument("--shots", type=int, default=8, help="good images to train on (0: all)")
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     out = train(
         args.method, args.backbone, data, args.category, args.out,
         categories=args.categories, synthetic_fraction=args.synthetic_fraction,
+        synthetic_anomaly_prob=args.synthetic_anomaly_prob,
         holdout_fraction=args.holdout_fraction,
         shots=args.shots or None, weights=args.weights, pretrained=not args.random_init,
         image_size=args.image_size, layers=args.layers, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -20,6 +20,7 @@ _METHOD_MODULES: dict[str, str] = {
     "anomalyvfm": "edge_ad.methods.anomalyvfm",
     "foundad": "edge_ad.methods.foundad",
     "knn": "edge_ad.methods.knn",
+    "student": "edge_ad.methods.student",
     "visualad": "edge_ad.methods.visualad",
 }
 

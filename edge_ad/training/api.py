@@ -98,6 +98,7 @@ def _train_supervised(
     out: Path,
     *,
     synthetic_fraction: float,
+    synthetic_anomaly_prob: float,
     holdout_fraction: float,
     seed: int,
     device: torch.device,
@@ -113,7 +114,8 @@ def _train_supervised(
     training: dict[str, Any] = {"protocol": "zero-shot (supervised on auxiliary categories)", "data": roots,
                                 "split": aux.summary(), "seed": seed, "device": str(device)}
     training.update(fit_supervised(detector, aux, out, loss_fn=entry.loss_fn, param_groups=entry.param_groups,
-                                   synthetic_fraction=synthetic_fraction, seed=seed, device=device,
+                                   synthetic_fraction=synthetic_fraction,
+                                   synthetic_anomaly_prob=synthetic_anomaly_prob, seed=seed, device=device,
                                    progress=progress, **fit_kwargs))
     # Normalise with good images the loss never saw as targets: train/good were only synthesis bases.
     training["normalization"] = detector.fit_normalization(
@@ -132,6 +134,7 @@ def train(
     *,
     categories: Sequence[str] | None = None,
     synthetic_fraction: float | None = None,
+    synthetic_anomaly_prob: float = 0.5,
     holdout_fraction: float = 0.2,
     shots: int | None = 8,
     weights: str | Path | None = None,
@@ -162,6 +165,8 @@ def train(
         synthetic_fraction: zero-shot methods: share of each batch drawn from good images, half
             of them with an on-the-fly CutPaste / Perlin anomaly (default 0.5; 1.0 = no real
             annotated samples).
+        synthetic_anomaly_prob: zero-shot methods: share of those good images that get an
+            anomaly (the rest are clean negatives; 1.0 = all anomalous).
         holdout_fraction: zero-shot methods: share of each category's samples held back and
             scored at the end (``train_log.json["holdout"]``).
         out: run directory to write (``model.safetensors``, ``config.yaml``, ``train_log.json``).
@@ -217,7 +222,7 @@ def train(
             training = _train_supervised(
                 detector, entry, data, list(categories or ([category] if category else [])), out,
                 synthetic_fraction=0.5 if synthetic_fraction is None else float(synthetic_fraction),
-                holdout_fraction=holdout_fraction, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                synthetic_anomaly_prob=float(synthetic_anomaly_prob), holdout_fraction=holdout_fraction, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                 device=dev, resume=resume, amp=amp, dist_ctx=dist_ctx, progress=progress)
             if dist_ctx.is_main:
                 save_checkpoint(detector, out, training=training)

@@ -7,7 +7,7 @@ defect" looks like from categories other than the deployment's, as their referen
 * **real annotated samples**: the test splits of the auxiliary MVTec-layout categories (anomalous
   images with their masks and good test images with empty masks);
 * **cheap synthetic anomalies**: a fraction ``synthetic_fraction`` of every batch is drawn from
-  the categories' ``train/good`` images, half of them (:data:`SYNTHETIC_ANOMALY_PROB`) with an
+  the categories' ``train/good`` images, half of them (``synthetic_anomaly_prob``) with an
   on-the-fly :class:`~edge_ad.synth.CutPaste` or :class:`~edge_ad.synth.PerlinAnomaly` anomaly
   (50 / 50) and half clean, as negatives; so a CPU box trains without a generator;
   generator-made triplets (``edge-ad synth``) are written in MVTec layout and come in as real
@@ -214,11 +214,15 @@ class _BatchMaker:
     """``make_batch(step, rank)`` of the protocol (deterministic in ``(seed, step, rank)``)."""
 
     def __init__(self, detector: AnomalyDetector, data: AuxiliaryData, *, batch_size: int,
-                 synthetic_fraction: float, seed: int, device: torch.device) -> None:
+                 synthetic_fraction: float, seed: int, device: torch.device,
+                 anomaly_prob: float = SYNTHETIC_ANOMALY_PROB) -> None:
         from edge_ad.synth import CutPaste, PerlinAnomaly
 
         if not 0.0 <= synthetic_fraction <= 1.0:
             raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}")
+        if not 0.0 < anomaly_prob <= 1.0:
+            raise ValueError(f"synthetic_anomaly_prob must be in (0, 1], got {anomaly_prob}")
+        self.anomaly_prob = float(anomaly_prob)
         if synthetic_fraction > 0 and not data.good:
             raise ValueError("synthetic_fraction > 0 needs train/good images in the auxiliary categories")
         if synthetic_fraction < 1 and not data.annotated:
@@ -250,7 +254,8 @@ class _BatchMaker:
         for _ in range(self.batch_size):
             if rng.random() < self.synthetic_fraction:
                 item = self.data.good[int(rng.integers(len(self.data.good)))]
-                if rng.random() < SYNTHETIC_ANOMALY_PROB:
+                # (no coin drawn at probability 1: the random stream then equals an all-anomalous recipe's)
+                if self.anomaly_prob >= 1.0 or rng.random() < self.anomaly_prob:
                     pairs.append(self.synthetic(item, rng))
                 else:  # the clean image: without negatives the image head learns "always defective"
                     pairs.append(self.cache.get(item.record))
@@ -334,6 +339,7 @@ def fit_supervised(
     batch_size: int | None = None,
     lr: float | None = None,
     synthetic_fraction: float = 0.5,
+    synthetic_anomaly_prob: float = SYNTHETIC_ANOMALY_PROB,
     seed: int = 0,
     device: torch.device,
     resume: bool = False,
@@ -347,7 +353,9 @@ def fit_supervised(
         loss_fn: the method's ``(model, SupervisedBatch) -> loss``.
         param_groups: the method's ``(detector, lr) -> groups`` or None.
         steps, batch_size, lr: overrides of the config's values (batch_size = micro-batch).
-        synthetic_fraction: share of each batch made of on-the-fly synthetic anomalies.
+        synthetic_fraction: share of each batch drawn from good images (synthetic part).
+        synthetic_anomaly_prob: share of the synthetic part that gets an anomaly (the rest are
+            clean negatives); 1.0 = every synthetic sample is anomalous.
     """
     t = _training_fields(detector)
     steps = int(steps or t["steps"])
@@ -357,7 +365,7 @@ def fit_supervised(
                         warmup_steps=int(t["warmup_steps"]), min_lr_ratio=float(t["min_lr_ratio"]), seed=seed,
                         amp=amp, accumulate=int(t["accumulate"]), checkpoint_every=max(10, steps // 5))
     make_batch = _BatchMaker(detector, data, batch_size=batch_size, synthetic_fraction=synthetic_fraction,
-                             seed=seed, device=device)
+                             seed=seed, device=device, anomaly_prob=synthetic_anomaly_prob)
     groups = (lambda model: param_groups(model, lr)) if param_groups is not None else None
     result = fit(detector, make_batch, loss_fn, fit_cfg, out, device=device, resume=resume, dist_ctx=dist_ctx,
                  progress=progress, description=f"train {detector.method} (zero-shot)", param_groups=groups)
@@ -369,6 +377,7 @@ def fit_supervised(
                       "grad_clip": fit_cfg.grad_clip, "warmup_steps": fit_cfg.warmup_steps,
                       "min_lr_ratio": fit_cfg.min_lr_ratio},
         "synthetic_fraction": synthetic_fraction,
+        "synthetic_anomaly_prob": synthetic_anomaly_prob,
         "epochs_equivalent": round(steps * effective / max(1, len(data.annotated) + len(data.good)), 2),
     }
 

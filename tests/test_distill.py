@@ -1,0 +1,159 @@
+"""`edge_ad.converters.distill` / `edge-ad distill`: teacher run -> student run, end to end.
+
+Teacher: knn on the ``dinov3_vitl16`` registry entry (ViT-L/16 patching, DINOv3 prefix tokens and
+preprocessing) shrunk to depth 2, width 64, random init, at 64 px, on 4 real hazelnut shots.
+Student: ``dinov3_vits16`` shrunk the same way at 48 px (a different, coarser grid: 3x3 vs 4x4).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edge_ad.converters.distill import DISTILL_FIDELITY_FILE, distill
+from edge_ad.converters.fidelity import FidelityReport
+from edge_ad.methods import load_detector
+from edge_ad.methods.checkpoint import load_checkpoint_config
+
+CATEGORY = "mvtec_hazelnut_256"
+TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2, "init_values": 1.0}
+STUDENT = {"student_pretrained": False, "student_overrides": TINY, "image_size": 48, "layers": [1],
+           "batch_size": 4, "device": "cpu", "progress": False}
+
+
+@pytest.fixture(scope="module")
+def teacher_run(real_root, tmp_path_factory):
+    from edge_ad.training import train
+
+    out = tmp_path_factory.mktemp("distill") / "teacher"
+    return train("knn", "dinov3_vitl16", real_root, CATEGORY, out, shots=4, pretrained=False, image_size=64,
+                 layers=[1], backbone_overrides=TINY, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def student_run(teacher_run, real_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "student"
+    return distill(teacher_run, "dinov3_vits16", real_root, CATEGORY, out, steps=40, **STUDENT)
+
+
+def test_student_is_an_ordinary_run_that_learned_the_teacher(student_run, teacher_run, real_root):
+    doc = load_checkpoint_config(student_run)
+    assert doc["method"] == "student" and doc["backbone"]["name"] == "dinov3_vits16"
+    teacher_doc = load_checkpoint_config(teacher_run)
+    assert teacher_doc["backbone"]["name"] == "dinov3_vitl16"
+    # Provenance: the teacher's path and the hash of its config are recorded with the student.
+    import hashlib
+
+    prov = doc["config"]["teacher"]
+    assert prov["method"] == "knn" and prov["image_size"] == [64, 64]
+    assert prov["config_sha256"] == hashlib.sha256((teacher_run / "config.yaml").read_bytes()).hexdigest()
+    log = json.loads((student_run / "train_log.json").read_text())
+    assert log["teacher"] == prov and log["kind"] == "distillation"
+    losses = [loss for _, loss in log["fit"]["losses"]]
+    # The regression is learned: observed 2.32 -> 1.45 (z-units MSE) on this tiny random-init pair;
+    # the real-weights demonstration (benchmarks/bench_distill.py) measures fidelity properly.
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
+
+    student = load_detector(student_run)
+    teacher = load_detector(teacher_run)
+    assert student.image_size == (48, 48) and student.grid_size == (3, 3)
+    assert student.normalizer.fitted  # normalised on good images like any run
+    # Raw outputs are in the teacher's units (its good-image map spread is the student's z unit).
+    assert float(student.target_map_scale) == pytest.approx(float(teacher.normalizer.map_scale))
+
+    # Fidelity report: same schema as the conversion report, teacher = reference.
+    report = FidelityReport.load(student_run / DISTILL_FIDELITY_FILE)
+    assert report.reference == "teacher-knn-pytorch" and report.format == "student-pytorch"
+    assert report.num_images == 10 and report.num_anomalous == 8
+    assert {"image_auroc", "pixel_auroc"} <= set(report.metrics)
+    pix = report.metrics["pixel_auroc"]
+    assert pix["delta"] == pytest.approx(pix["candidate"] - pix["reference"])
+    # The student's maps follow the teacher's on unseen test images (observed r = 0.32 with random
+    # features and 40 steps; a student that ignored the teacher would sit near 0).
+    assert report.map["pearson_r"] > 0.1, report.table()
+
+
+def test_student_evaluates_converts_to_int8_and_runs_in_detector(student_run, real_root, tmp_path):
+    from edge_ad.converters.convert import convert
+    from edge_ad.data import MVTecDataset
+    from edge_ad.evaluation import evaluate
+    from edge_ad.runtime import Detector, load_bundle, preprocess_batch
+
+    rep = evaluate(student_run, real_root, CATEGORY, out=tmp_path / "eval", device="cpu", overlays=0, progress=False)
+    assert 0.0 <= rep["metrics"]["pixel_auroc"] <= 1.0 and rep["num_images"] == 10
+
+    bundle_path = convert(student_run, "intel-cpu", tmp_path / "bundle", precision="int8",
+                          calib=real_root / CATEGORY, calib_count=8, progress=False)
+    bundle = load_bundle(bundle_path)
+    assert (bundle.manifest.target, bundle.manifest.precision) == ("intel-cpu", "int8")
+    det = Detector.load(bundle_path, regions=False)
+    sample = MVTecDataset(real_root, CATEGORY, "test")[0]
+    result = det.predict(np.ascontiguousarray(sample.image[..., ::-1]))  # BGR frame, any size
+    assert np.isfinite(result.score)
+    # INT8 runtime output tracks the PyTorch student on the same frame.
+    student = load_detector(student_run)
+    x = torch.from_numpy(preprocess_batch([sample.image], student.preprocess_spec, color_order="rgb"))
+    with torch.no_grad():
+        ref = student(x)
+    assert abs(float(result.score) - float(ref.score[0])) < 0.5 * max(1.0, abs(float(ref.score[0])))
+
+
+def test_resume_reproduces_an_uninterrupted_run(teacher_run, real_root, tmp_path, monkeypatch):
+    """Also covers the cached synthetic pool (teacher run once per pool sample, not per step)."""
+    import edge_ad.methods.student as student_pkg
+
+    pool = {"student_options": {"synthetic_pool": 8}}
+    full = distill(teacher_run, "dinov3_vits16", real_root, CATEGORY, tmp_path / "full", steps=12,
+                   fidelity=False, **pool, **STUDENT)
+
+    real_loss = student_pkg.loss_fn
+    calls = {"n": 0}
+
+    def interrupted(model, batch):
+        calls["n"] += 1
+        if calls["n"] > 11:  # crash during step 12, after the step-10 checkpoint
+            raise RuntimeError("simulated crash")
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(student_pkg, "loss_fn", interrupted)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        distill(teacher_run, "dinov3_vits16", real_root, CATEGORY, tmp_path / "resumed", steps=12,
+                fidelity=False, **pool, **STUDENT)
+    monkeypatch.setattr(student_pkg, "loss_fn", real_loss)
+    assert (tmp_path / "resumed" / "train_state.pt").is_file()
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = distill(teacher_run, "dinov3_vits16", real_root, CATEGORY, tmp_path / "resumed", steps=12,
+                      fidelity=False, resume=True, **pool, **STUDENT)
+    assert load_checkpoint_config(resumed)["config"]["synthetic_pool"] == 8
+    a, b = load_detector(full).state_dict(), load_detector(resumed).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    log = json.loads((resumed / "train_log.json").read_text())
+    assert log["fit"]["start_step"] == 10 and log["fit"]["end_step"] == 12
+
+
+def test_bad_inputs_fail_with_clear_errors(teacher_run, real_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="teacher run directory .* not found"):
+        distill(tmp_path / "no_run", "dinov3_vits16", real_root, CATEGORY, tmp_path / "s1")
+    with pytest.raises(KeyError, match="unknown student backbone 'resnet_9000'.*efficientnet_lite0"):
+        distill(teacher_run, "resnet_9000", real_root, CATEGORY, tmp_path / "s2")
+    with pytest.raises(FileNotFoundError, match="category 'no_such_cat' not found.*mvtec_hazelnut_256"):
+        distill(teacher_run, "dinov3_vits16", real_root, "no_such_cat", tmp_path / "s3")
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        distill(teacher_run, "dinov3_vits16", real_root, CATEGORY, tmp_path / "s4", resume=True)
+    with pytest.raises(ValueError, match="unknown or derived student options .'head_width'.*head_dim"):
+        distill(teacher_run, "dinov3_vits16", real_root, CATEGORY, tmp_path / "s5", student_options={"head_width": 3})
+    with pytest.raises(ValueError, match="must differ"):
+        distill(teacher_run, "dinov3_vits16", real_root, CATEGORY, teacher_run)
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, real_root, capsys):
+    from edge_ad.cli.main import main
+
+    code = main(["distill", str(tmp_path / "missing"), "--student", "efficientnet_lite0", "--data", str(real_root),
+                 "--category", CATEGORY, "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "teacher run directory" in capsys.readouterr().err
