@@ -18,6 +18,7 @@ __all__ = ["MethodEntry", "build_detector", "get_method", "list_methods", "make_
 #: name -> module exporting ``METHOD``. One line per method.
 _METHOD_MODULES: dict[str, str] = {
     "anomalyvfm": "edge_ad.methods.anomalyvfm",
+    "avadino": "edge_ad.methods.avadino",
     "foundad": "edge_ad.methods.foundad",
     "knn": "edge_ad.methods.knn",
     "student": "edge_ad.methods.student",
