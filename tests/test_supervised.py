@@ -115,6 +115,15 @@ def test_batches_are_step_addressed_and_masks_match_labels(real_root):
     assert not torch.equal(maker(8, 0).images, b1.images)
     with pytest.raises(ValueError, match="synthetic_fraction"):
         _BatchMaker(det, aux, batch_size=2, synthetic_fraction=1.5, seed=0, device=torch.device("cpu"))
+    # synthetic-only batches: every sample anomalous by default, clean negatives when asked
+    only = _BatchMaker(det, aux, batch_size=8, synthetic_fraction=1.0, seed=2, device=torch.device("cpu"))
+    assert all(only(s, 0).labels.min() == 1 for s in range(3))
+    mixed = _BatchMaker(det, aux, batch_size=8, synthetic_fraction=1.0, seed=2, device=torch.device("cpu"),
+                        anomaly_prob=0.5)
+    labels = torch.cat([mixed(s, 0).labels for s in range(3)])
+    assert 0 < labels.sum() < len(labels)
+    with pytest.raises(ValueError, match="synthetic_anomaly_prob"):
+        _BatchMaker(det, aux, batch_size=2, synthetic_fraction=1.0, seed=0, device=torch.device("cpu"), anomaly_prob=0)
 
 
 def test_protocol_learns_synthetic_anomalies_and_resumes_exactly(real_root, tmp_path):

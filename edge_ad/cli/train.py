@@ -24,10 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--categories", nargs="+", default=None, help="zero-shot methods: auxiliary categories to "
                         "train on (default: all in --data)")
     parser.add_argument("--synthetic-fraction", type=float, default=None, help="zero-shot methods: share of each "
-                        "batch drawn from good images, half with a CutPaste / Perlin anomaly (default 0.5; 1 = "
+                        "batch drawn from good images and given a CutPaste / Perlin anomaly (default 0.5; 1 = "
                         "synthetic only)")
-    parser.add_argument("--synthetic-anomaly-prob", type=float, default=0.5, help="zero-shot methods: share of "
-                        "those good images given an anomaly; the rest are clean negatives (1 = all anomalous)")
+    parser.add_argument("--synthetic-anomaly-prob", type=float, default=1.0, help="zero-shot methods: share of "
+                        "those good images given an anomaly; the rest are clean negatives (default 1 = all anomalous)")
     parser.add_argument("--holdout-fraction", type=float, default=0.2, help="zero-shot methods: share of samples "
                         "held back and scored at the end")
     parser.add_argument("--shots", type=int, default=8, help="good images to train on (0: all)")

@@ -134,7 +134,7 @@ def train(
     *,
     categories: Sequence[str] | None = None,
     synthetic_fraction: float | None = None,
-    synthetic_anomaly_prob: float = 0.5,
+    synthetic_anomaly_prob: float = 1.0,
     holdout_fraction: float = 0.2,
     shots: int | None = 8,
     weights: str | Path | None = None,
@@ -162,11 +162,10 @@ def train(
         category: the category to fit (few-shot / memory methods); zero-shot methods take
             ``categories`` instead (``category`` alone counts as a one-element list).
         categories: auxiliary categories of a zero-shot method (None = every category in ``data``).
-        synthetic_fraction: zero-shot methods: share of each batch drawn from good images, half
-            of them with an on-the-fly CutPaste / Perlin anomaly (default 0.5; 1.0 = no real
-            annotated samples).
+        synthetic_fraction: zero-shot methods: share of each batch drawn from good images and given
+            an on-the-fly CutPaste / Perlin anomaly (default 0.5; 1.0 = no real annotated samples).
         synthetic_anomaly_prob: zero-shot methods: share of those good images that get an
-            anomaly (the rest are clean negatives; 1.0 = all anomalous).
+            anomaly (the rest are clean negatives; default 1.0 = all anomalous).
         holdout_fraction: zero-shot methods: share of each category's samples held back and
             scored at the end (``train_log.json["holdout"]``).
         out: run directory to write (``model.safetensors``, ``config.yaml``, ``train_log.json``).
