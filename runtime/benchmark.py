@@ -55,6 +55,22 @@ def synthetic_frames(count: int, height: int = 480, width: int = 640, *, distinc
         yield pool[i % distinct]
 
 
+def describe_source(source: Any) -> str:
+    """A short printable name of a source: the spec itself for strings / paths / camera indices,
+    ``"list of N frames"``-style for in-memory frames (never their pixel values)."""
+    if isinstance(source, (str, os.PathLike, int)):
+        return str(source)
+    name = getattr(source, "name", None)
+    if isinstance(name, str):
+        return name
+    if isinstance(source, np.ndarray):
+        return f"array {tuple(source.shape)} {source.dtype}"
+    try:
+        return f"{type(source).__name__} of {len(source)} frames"
+    except TypeError:
+        return f"{type(source).__name__} of frames"
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text(errors="replace").replace("\x00", "").strip()
@@ -176,7 +192,7 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
 
     total = warmup + iterations
     src = synthetic_frames(total, *frame_size) if source is None else source
-    name = f"synthetic {frame_size[0]}x{frame_size[1]} BGR" if source is None else str(source)
+    name = f"synthetic {frame_size[0]}x{frame_size[1]} BGR" if source is None else describe_source(source)
     if progress:
         print(f"[benchmark] stream: {name}, up to {total} frames", file=sys.stderr)
     times = {s: [] for s in STAGES}
