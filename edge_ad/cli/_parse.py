@@ -32,3 +32,14 @@ def int_list(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def roi(text: str) -> tuple[int, int, int, int]:
+    """``X,Y,W,H`` in pixels (four integers): a region of interest for the runtime verbs."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"--roi must be X,Y,W,H in pixels (four integers), got {text!r}")
+    return values  # type: ignore[return-value]

@@ -7,15 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _roi(text: str) -> tuple[int, int, int, int]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"--roi must be X,Y,W,H in pixels (four integers), got {text!r}")
-    return values  # type: ignore[return-value]
+from ._parse import roi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pixel false-positive rate of the pixel threshold (default: the bundle's, else 0.01)")
     parser.add_argument("--max-frames", type=int, default=None,
                         help="use at most N frames (needed for cameras and streams; default: all)")
-    parser.add_argument("--roi", type=_roi, default=None, help="crop X,Y,W,H applied to every frame, as in production")
+    parser.add_argument("--roi", type=roi, default=None, help="crop X,Y,W,H applied to every frame, as in production")
     parser.add_argument("--color-order", choices=("bgr", "rgb", "gray"), default="bgr",
                         help="channel order of the frames (default bgr: OpenCV sources)")
     parser.add_argument("--device", default="auto", help="engine device (default: the bundle target's)")

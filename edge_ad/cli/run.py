@@ -8,15 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _roi(text: str) -> tuple[int, int, int, int]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"--roi must be x,y,w,h in pixels, got {text!r}")
-    return values  # type: ignore[return-value]
+from ._parse import roi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="drop stale frames to keep latency bounded (default for cameras / URLs / pipelines)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames read from the source")
     parser.add_argument("--device", default="auto", help="engine device (CPU, GPU, NPU, CUDA); default: the bundle's")
-    parser.add_argument("--roi", type=_roi, default=None, help="crop x,y,w,h (pixels) of every frame")
+    parser.add_argument("--roi", type=roi, default=None, help="crop x,y,w,h (pixels) of every frame")
     parser.add_argument("--color-order", default="bgr", choices=("bgr", "rgb", "gray"),
                         help="channel order of the source's frames (OpenCV sources: bgr)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

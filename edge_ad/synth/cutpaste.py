@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .foreground import foreground_mask
+from .foreground import resolve_foreground
 
 __all__ = ["CutPaste", "CutPasteConfig", "CutPasteResult", "color_jitter", "cutpaste"]
 
@@ -214,14 +214,7 @@ def cutpaste(
     cfg = config or CutPasteConfig()
     image = _check_image(image)
     h, w = image.shape[:2]
-    if foreground is None:
-        fg = foreground_mask(image) if cfg.use_foreground else np.ones((h, w), dtype=bool)
-    else:
-        fg = np.asarray(foreground, dtype=bool)
-        if fg.shape != (h, w):
-            raise ValueError(f"foreground must be ({h}, {w}), got {fg.shape}")
-        if not fg.any():
-            fg = np.ones((h, w), dtype=bool)  # same fallback as foreground_mask
+    fg = resolve_foreground(image, foreground, cfg.use_foreground)
     if variant is None:
         variant = "scar" if rng.random() < cfg.scar_prob else "normal"
     elif variant not in VARIANTS:

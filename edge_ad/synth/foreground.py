@@ -156,3 +156,19 @@ def foreground_mask(
         }
         return fg, info
     return fg
+
+
+def resolve_foreground(image: np.ndarray, foreground: np.ndarray | None, use_foreground: bool = True) -> np.ndarray:
+    """The bool (H, W) region a synthesizer may put a defect in.
+
+    ``foreground`` given (e.g. cached per few-shot image): checked against the image size; an empty
+    one falls back to the whole image. None: :func:`foreground_mask` of ``image`` (which falls back
+    itself), or the whole image when ``use_foreground`` is off.
+    """
+    h, w = image.shape[:2]
+    if foreground is None:
+        return foreground_mask(image) if use_foreground else np.ones((h, w), dtype=bool)
+    fg = np.asarray(foreground, dtype=bool)
+    if fg.shape != (h, w):
+        raise ValueError(f"foreground must be ({h}, {w}), got {fg.shape}")
+    return fg if fg.any() else np.ones((h, w), dtype=bool)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cutpaste import color_jitter
-from .foreground import foreground_mask
+from .foreground import resolve_foreground
 
 __all__ = ["PerlinAnomaly", "PerlinConfig", "perlin_noise"]
 
@@ -128,14 +128,7 @@ class PerlinAnomaly:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
         h, w = image.shape[:2]
-        if foreground is None:
-            fg = foreground_mask(image) if cfg.use_foreground else np.ones((h, w), dtype=bool)
-        else:
-            fg = np.asarray(foreground, dtype=bool)
-            if fg.shape != (h, w):
-                raise ValueError(f"foreground must be ({h}, {w}), got {fg.shape}")
-        if not fg.any():
-            fg = np.ones((h, w), dtype=bool)
+        fg = resolve_foreground(image, foreground, cfg.use_foreground)
         lo, hi = cfg.scale_exponents
         for _ in range(cfg.max_tries):
             cells = (2 ** int(rng.integers(lo, hi + 1)), 2 ** int(rng.integers(lo, hi + 1)))

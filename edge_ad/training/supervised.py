@@ -281,11 +281,11 @@ def evaluate_holdout(detector: AnomalyDetector, data: AuxiliaryData, *, seed: in
     """
     from edge_ad.metrics import image_auroc, pixel_auroc
 
+    # Only the maker's cache and synthesizers are used here (load_auxiliary guarantees good images
+    # or annotated samples, so one of the two fractions is valid).
     maker = _BatchMaker(detector, data, batch_size=batch_size, synthetic_fraction=1.0 if data.good else 0.0,
-                        seed=seed, device=detector.device) if (data.good or data.annotated) else None
+                        seed=seed, device=detector.device)
     sets: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"real": [], "synthetic": []}
-    if maker is None:
-        return {}
     for item in data.holdout_annotated:
         sets["real"].append(maker.cache.get(item.record))
     rng = np.random.default_rng(step_seed(seed, 10**9))  # a stream training never uses

@@ -39,6 +39,33 @@ edge_ad::ResizeMode parse_mode(const std::string& mode) {
   throw nb::value_error(("resize mode must be 'bilinear' or 'area', got '" + mode + "'").c_str());
 }
 
+// Output geometry and the per-channel affine x * scale + offset that folds /255, -mean and /std.
+edge_ad::OutParams make_params(int height, int width, const std::string& mode, bool bgr, bool half,
+                               const std::array<double, 3>& mean, const std::array<double, 3>& stdv) {
+  edge_ad::OutParams p;
+  p.height = height;
+  p.width = width;
+  p.mode = parse_mode(mode);
+  p.bgr = bgr;
+  p.half = half;
+  for (int c = 0; c < 3; ++c) {
+    if (!(stdv[c] > 0.0) || !std::isfinite(stdv[c]) || !std::isfinite(mean[c]))
+      throw nb::value_error("std must be positive and mean/std finite");
+    p.scale[c] = static_cast<float>(1.0 / (255.0 * stdv[c]));
+    p.offset[c] = static_cast<float>(-mean[c] / stdv[c]);
+  }
+  return p;
+}
+
+// Channel count (1 or 3) of a non-empty (H, W) or (H, W, C) frame.
+int64_t frame_channels(const Frame& f) {
+  if (f.ndim() != 2 && f.ndim() != 3) throw nb::value_error("frames must be 2-D (H, W) or 3-D (H, W, C)");
+  const int64_t ch = f.ndim() == 3 ? static_cast<int64_t>(f.shape(2)) : 1;
+  if (ch != 1 && ch != 3) throw nb::value_error("frames must have 1 or 3 channels");
+  if (f.shape(0) == 0 || f.shape(1) == 0) throw nb::value_error("empty frame");
+  return ch;
+}
+
 int preprocess_into(const std::vector<Frame>& frames, OutArray out, bool bgr, const std::string& mode,
                     std::array<double, 3> mean, std::array<double, 3> stdv, int num_threads, int order) {
   if (frames.empty()) throw nb::value_error("no frames given");
@@ -50,18 +77,8 @@ int preprocess_into(const std::vector<Frame>& frames, OutArray out, bool bgr, co
   if (num_threads < 0) throw nb::value_error("num_threads must be >= 0 (0 = automatic)");
   if (order < -1 || order > 1) throw nb::value_error("order must be -1 (auto), 0 or 1");
 
-  edge_ad::OutParams p;
-  p.height = static_cast<int>(out.shape(2));
-  p.width = static_cast<int>(out.shape(3));
-  p.mode = parse_mode(mode);
-  p.bgr = bgr;
-  p.half = half;
-  for (int c = 0; c < 3; ++c) {
-    if (!(stdv[c] > 0.0) || !std::isfinite(stdv[c]) || !std::isfinite(mean[c]))
-      throw nb::value_error("std must be positive and mean/std finite");
-    p.scale[c] = static_cast<float>(1.0 / (255.0 * stdv[c]));
-    p.offset[c] = static_cast<float>(-mean[c] / stdv[c]);
-  }
+  const edge_ad::OutParams p =
+      make_params(static_cast<int>(out.shape(2)), static_cast<int>(out.shape(3)), mode, bgr, half, mean, stdv);
 
   const size_t elem = half ? 2 : 4;
   const size_t per_frame = 3 * static_cast<size_t>(p.height) * p.width * elem;
@@ -69,10 +86,7 @@ int preprocess_into(const std::vector<Frame>& frames, OutArray out, bool bgr, co
   std::vector<edge_ad::Job> jobs(frames.size());
   for (size_t i = 0; i < frames.size(); ++i) {
     const Frame& f = frames[i];
-    if (f.ndim() != 2 && f.ndim() != 3) throw nb::value_error("frames must be 2-D (H, W) or 3-D (H, W, C)");
-    const int64_t ch = f.ndim() == 3 ? static_cast<int64_t>(f.shape(2)) : 1;
-    if (ch != 1 && ch != 3) throw nb::value_error("frames must have 1 or 3 channels");
-    if (f.shape(0) == 0 || f.shape(1) == 0) throw nb::value_error("empty frame");
+    const int64_t ch = frame_channels(f);
     edge_ad::SrcImage& s = jobs[i].src;
     s.data = f.data();
     s.height = static_cast<int64_t>(f.shape(0));
@@ -118,25 +132,11 @@ void preprocess_cuda_py(const std::vector<Frame>& frames, std::uintptr_t out_ptr
   if (frames.empty()) throw nb::value_error("no frames given");
   if (out_ptr == 0) throw nb::value_error("out_ptr is a null device pointer");
   if (height <= 0 || width <= 0) throw nb::value_error("height and width must be positive");
-  edge_ad::OutParams p;
-  p.height = height;
-  p.width = width;
-  p.mode = parse_mode(mode);
-  p.bgr = bgr;
-  p.half = half;
-  for (int c = 0; c < 3; ++c) {
-    if (!(stdv[c] > 0.0) || !std::isfinite(stdv[c]) || !std::isfinite(mean[c]))
-      throw nb::value_error("std must be positive and mean/std finite");
-    p.scale[c] = static_cast<float>(1.0 / (255.0 * stdv[c]));
-    p.offset[c] = static_cast<float>(-mean[c] / stdv[c]);
-  }
+  const edge_ad::OutParams p = make_params(height, width, mode, bgr, half, mean, stdv);
   std::vector<edge_ad::HostFrame> host(frames.size());
   for (size_t i = 0; i < frames.size(); ++i) {
     const Frame& f = frames[i];
-    if (f.ndim() != 2 && f.ndim() != 3) throw nb::value_error("frames must be 2-D (H, W) or 3-D (H, W, C)");
-    const int64_t ch = f.ndim() == 3 ? static_cast<int64_t>(f.shape(2)) : 1;
-    if (ch != 1 && ch != 3) throw nb::value_error("frames must have 1 or 3 channels");
-    if (f.shape(0) == 0 || f.shape(1) == 0) throw nb::value_error("empty frame");
+    const int64_t ch = frame_channels(f);
     if (f.stride(1) != ch || (f.ndim() == 3 && f.stride(2) != 1) ||
         f.stride(0) < static_cast<int64_t>(f.shape(1)) * ch)
       throw nb::value_error("frames must have packed pixels in each row (np.ascontiguousarray)");

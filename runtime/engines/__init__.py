@@ -34,7 +34,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from ..bundle import Bundle
 
-__all__ = ["DEFAULT_SLOTS", "Engine", "create_engine"]
+__all__ = ["DEFAULT_SLOTS", "Engine", "SlotEngine", "create_engine"]
 
 #: Slots an engine gets by default: slot 0 for synchronous ``predict`` calls, slots 1 and 2 for a
 #: stream's double buffering (one inferring while the next frame is preprocessed).
@@ -67,6 +67,23 @@ class Engine(Protocol):
 
     def wait(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """Block until the slot's inference is done; copies ``(maps (n, h, w) float32, scores (n,) float32)``."""
+
+
+class SlotEngine:
+    """Base of the engines: the synchronous API is slot 0 of the asynchronous one.
+
+    Subclasses implement ``slot_buffer`` / ``start`` / ``wait``; ``input_buffer`` and ``run`` then
+    follow, so the two APIs can never disagree.
+    """
+
+    def input_buffer(self, n: int) -> np.ndarray:
+        """Slot 0's input buffer (the synchronous API)."""
+        return self.slot_buffer(0, n)  # type: ignore[attr-defined]
+
+    def run(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``start(0, n)`` then ``wait(0)``."""
+        self.start(0, n)  # type: ignore[attr-defined]
+        return self.wait(0)  # type: ignore[attr-defined]
 
 
 def check_slot(slot: int, num_slots: int) -> int:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import DEFAULT_SLOTS, _output_indices, check_slot, check_slots, split_outputs
+from . import DEFAULT_SLOTS, SlotEngine, _output_indices, check_slot, check_slots, split_outputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bundle import Bundle
@@ -44,7 +44,7 @@ class _Slot:
         self.error: str | None = None
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(SlotEngine):
     """``model.onnx`` in an onnxruntime session; each slot's numpy buffer is handed to the session as is.
 
     Args:
@@ -89,15 +89,6 @@ class OnnxRuntimeEngine:
         self._map_idx, self._score_idx = _output_indices(bundle, names)
         self._async = hasattr(self.session, "run_async")
         self._slots = [_Slot(np.zeros((self.batch or 1, 3, *self._hw), self._dtype)) for _ in range(self.num_slots)]
-
-    # -- synchronous API (slot 0) --------------------------------------------------------------
-
-    def input_buffer(self, n: int) -> np.ndarray:
-        return self.slot_buffer(0, n)
-
-    def run(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        self.start(0, n)
-        return self.wait(0)
 
     # -- asynchronous API ----------------------------------------------------------------------
 

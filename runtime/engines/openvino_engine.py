@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import DEFAULT_SLOTS, _output_indices, check_slot, check_slots, split_outputs
+from . import DEFAULT_SLOTS, SlotEngine, _output_indices, check_slot, check_slots, split_outputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bundle import Bundle
@@ -27,7 +27,7 @@ def _import_openvino():
     return openvino
 
 
-class OpenVINOEngine:
+class OpenVINOEngine(SlotEngine):
     """``openvino/model.xml`` compiled for ``device`` ("auto" = the bundle target's device)."""
 
     name = "openvino"
@@ -62,15 +62,6 @@ class OpenVINOEngine:
         self.requests[slot].set_input_tensor(tensor)
         self._buffers[slot] = self.requests[slot].get_input_tensor().data  # a view of the tensor's memory
         self._sizes[slot] = n
-
-    # -- synchronous API (slot 0) --------------------------------------------------------------
-
-    def input_buffer(self, n: int) -> np.ndarray:
-        return self.slot_buffer(0, n)
-
-    def run(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        self.start(0, n)
-        return self.wait(0)
 
     # -- asynchronous API ----------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..cuda import CudaApi, load_cuda
 from ..preprocessing import preprocess_batch
-from . import DEFAULT_SLOTS, _output_indices, check_slot, check_slots, split_outputs
+from . import DEFAULT_SLOTS, SlotEngine, _output_indices, check_slot, check_slots, split_outputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bundle import Bundle
@@ -100,7 +100,7 @@ class _Slot:
         self.input_on_device = False  # the GPU preprocessing kernel already wrote the device input
 
 
-class TensorRTEngine:
+class TensorRTEngine(SlotEngine):
     """A bundle's TensorRT engine with ``num_slots`` asynchronous request slots.
 
     Args:
@@ -297,16 +297,6 @@ class TensorRTEngine:
         finally:
             s.pending = None
         return split_outputs(s.host[self._map_name], s.host[self._score_name], n)
-
-    # ------------------------------------------------------------------------------------ sync API
-    def input_buffer(self, n: int) -> np.ndarray:
-        """Slot 0's host input buffer (the synchronous API)."""
-        return self.slot_buffer(0, n)
-
-    def run(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """``start(0, n)`` then ``wait(0)``."""
-        self.start(0, n)
-        return self.wait(0)
 
     def close(self) -> None:
         """Free the GPU and page-locked memory (the engine is unusable afterwards). Idempotent."""
