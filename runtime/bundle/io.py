@@ -14,6 +14,7 @@ from typing import Any
 
 from ..preprocess_spec import PreprocessSpec
 from ..targets import Target
+from .durable import fault_point, fsync_tree, locked_dir, remove_stale_temps, replace_file_atomic, swap_in_dir
 from .integrity import _check_not_pickle, _copy_hashed, _read_fidelity, _verify_artifacts
 from .schema import (
     _FIX_EDIT,
@@ -52,14 +53,6 @@ def _manifest_text(manifest: Manifest) -> str:
     )
     return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, allow_unicode=True, width=100)
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 def write_bundle(
     out: str | os.PathLike,
@@ -116,10 +109,12 @@ def write_bundle(
             _read_fidelity(staging / FIDELITY_FILE)
         final = manifest.replace(artifacts=records)
         final.check_complete()
-        _write_text_atomic(staging / MANIFEST_FILE, _manifest_text(final))  # last: a bundle is complete when it has one
+        # Last: a bundle is complete when it has one.
+        (staging / MANIFEST_FILE).write_text(_manifest_text(final), encoding="utf-8")
         if tar:
             _write_tar(staging, out, [MANIFEST_FILE, *sorted(records)])
         else:
+            fsync_tree(staging)  # every artifact and folder is on disk before the old bundle goes
             _swap_in(staging, out)
     finally:
         if staging.exists():
@@ -151,31 +146,43 @@ def _check_replaceable(out: Path, tar: bool) -> None:
 
 
 def _swap_in(staging: Path, out: Path) -> None:
-    """Replace ``out`` (absent, empty or an old bundle) by the finished ``staging`` directory."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except OSError:
-        if old is not None:
-            os.rename(old, out)  # put the previous bundle back
-        raise
+    """Replace ``out`` (absent, empty or an old bundle) by the finished, fsynced ``staging`` directory.
+
+    The old bundle's lock is held during the swap, so a concurrent :func:`update_manifest` either
+    finishes first (and is then replaced whole) or waits and updates the new bundle.
+    """
+    if not out.exists():
+        swap_in_dir(staging, out)
+        return
+    with locked_dir(out):
+        old = swap_in_dir(staging, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
 
 def update_manifest(bundle_dir: str | os.PathLike, changes: Mapping[str, Any]) -> Manifest:
     """Change top-level manifest fields of a directory bundle (e.g. ``thresholds``) and re-seal it.
 
-    The bundle is verified first; ``artifacts`` and ``schema_version`` cannot be changed here
-    (re-write the bundle). Values may be plain dicts or the section dataclasses.
+    A locked read-verify-modify-write: under an exclusive lock on the bundle directory the bundle is
+    loaded and verified, changed and written back atomically (unique temp file, fsync, ``os.replace``,
+    fsync of the directory). Concurrent updates (threads or processes) are serialised, each sees the
+    previous one's result, and a crash at any point leaves the old or the new manifest, never a torn one.
+    ``artifacts`` and ``schema_version`` cannot be changed here (re-write the bundle). Values may be
+    plain dicts or the section dataclasses.
     """
     path = Path(bundle_dir)
     if not path.is_dir():
         raise BundleError(f"update_manifest works on bundle directories; {path} is not one (extract the .tar first)")
-    bundle = load_bundle(path, verify=True)
+    with locked_dir(path) as dir_fd:
+        remove_stale_temps(dir_fd)
+        manifest = _apply_changes(load_bundle(path, verify=True), changes)
+        fault_point("manifest-before-write")
+        replace_file_atomic(dir_fd, MANIFEST_FILE, _manifest_text(manifest).encode("utf-8"))
+    return manifest
+
+
+def _apply_changes(bundle: "Bundle", changes: Mapping[str, Any]) -> Manifest:
+    """The bundle's manifest with the top-level ``changes`` applied, validated and complete."""
     doc = bundle.manifest.to_dict()
     for key, value in changes.items():
         if key in ("artifacts", "schema_version", _SEAL_KEY):
@@ -189,7 +196,6 @@ def update_manifest(bundle_dir: str | os.PathLike, changes: Mapping[str, Any]) -
         doc[key] = value
     manifest = Manifest.from_dict(doc)
     manifest.check_complete()
-    _write_text_atomic(path / MANIFEST_FILE, _manifest_text(manifest))
     return manifest
 
 

@@ -8,6 +8,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from .durable import fsync_dir
 from .schema import _CHUNK, MANIFEST_FILE, BundleError
 
 def _is_bundle_tar(path: Path) -> bool:
@@ -19,7 +20,7 @@ def _is_bundle_tar(path: Path) -> bool:
     return MANIFEST_FILE in names or any(n.count("/") == 1 and n.endswith("/" + MANIFEST_FILE) for n in names)
 
 def _write_tar(staging: Path, out: Path, names: list[str]) -> None:
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.tmp-{os.urandom(8).hex()}")  # unique: concurrent writers never share it
     mtime = int(time.time())
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
@@ -33,7 +34,10 @@ def _write_tar(staging: Path, out: Path, names: list[str]) -> None:
                 info.uname = info.gname = ""
                 with open(path, "rb") as f:
                     tf.addfile(info, f)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the tar is on disk before it takes the name of the old one
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
