@@ -200,6 +200,11 @@ def convert(
                              extra={"proxy": proxy_note} if proxy_note else None)
     print(report.table())
 
+    # Weights stored as ONNX external data (models above 2 GiB) are artifacts too: bundles refuse unlisted files.
+    from edge_ad.runtime.bundle.onnx_wire import read_onnx_external_data
+
+    for location in {ref.location for ref in read_onnx_external_data(artifacts["model.onnx"])}:
+        artifacts[location] = Path(artifacts["model.onnx"]).parent / location
     (work / "calibration.json").write_text(json.dumps(calset.to_manifest(), indent=2))
     artifacts["calibration.json"] = work / "calibration.json"
     fid = report.to_dict()

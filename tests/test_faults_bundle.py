@@ -231,3 +231,215 @@ def test_write_bundle_killed_before_the_swap_keeps_the_old_bundle(bundle: Path, 
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == (-signal.SIGKILL if point else 0), proc.stderr[-2000:]
     assert load_bundle(bundle).manifest.method == method
+
+
+# ----------------------------------------------------------------------------------------------
+# unlisted files and ONNX external data (directory bundles)
+# ----------------------------------------------------------------------------------------------
+
+
+def _externalise(model_path: Path, location: str, scale: float) -> bytes:
+    """Rewrite the ONNX model so its largest initializer (times ``scale``) lives in ``location``;
+    returns the external data bytes (written beside the model)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    model = onnx.load(str(model_path))
+    init = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    data = (numpy_helper.to_array(init) * scale).astype(numpy_helper.to_array(init).dtype).tobytes()
+    init.ClearField("float_data")
+    init.raw_data = data
+    set_external_data(init, location=location, offset=0, length=len(data))  # sets data_location EXTERNAL
+    init.ClearField("raw_data")
+    model_path.write_bytes(model.SerializeToString())
+    return data
+
+
+def _raw_scores(model: Path, spec, frames) -> np.ndarray:
+    """What onnxruntime computes from the file as it lies on disk (external data included)."""
+    import onnxruntime as ort
+
+    from edge_ad.runtime import preprocess_batch
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    x = preprocess_batch(frames, spec, color_order="bgr")
+    return np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]})[1] for i in range(len(x))])
+
+
+def test_unlisted_onnx_external_data_is_refused_although_it_changes_scores(bundle: Path, frames):
+    spec = load_bundle(bundle).preprocess_spec
+    before = _raw_scores(bundle / "model.onnx", spec, frames)
+    data = _externalise(bundle / "model.onnx", "weights.bin", 3.0)
+    (bundle / "weights.bin").write_bytes(data)
+    onnx_bytes = (bundle / "model.onnx").read_bytes()
+    _reseal(bundle, lambda d: d["artifacts"].update(
+        {"model.onnx": {"sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes)}}))
+    # The threat is real: onnxruntime reads the unlisted file and the scores change.
+    assert not np.allclose(_raw_scores(bundle / "model.onnx", spec, frames), before)
+    with pytest.raises(BundleError, match="reads external data from 'weights.bin', which the manifest does not list"):
+        load_bundle(bundle)
+    with pytest.raises(BundleError, match="weights.bin"):
+        Detector.load(bundle)
+    # Listed and hashed, the same external data is a legitimate artifact.
+    _list_artifact(bundle, "weights.bin", data)
+    assert _scores(bundle, frames).shape == (len(frames),)
+
+
+def test_onnx_external_data_outside_the_bundle_is_refused(bundle: Path, tmp_path: Path):
+    data = _externalise(bundle / "model.onnx", "../outside.bin", 1.0)
+    (tmp_path / "outside.bin").write_bytes(data)
+    onnx_bytes = (bundle / "model.onnx").read_bytes()
+    _reseal(bundle, lambda d: d["artifacts"].update(
+        {"model.onnx": {"sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes)}}))
+    with pytest.raises(BundleError, match="external data at '../outside.bin', outside the bundle"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("name", ["evil.pkl", "openvino/extra.bin", "notes.txt", "model.onnx.data"])
+def test_unlisted_files_in_a_bundle_directory_are_refused(bundle: Path, name: str):
+    (bundle / name).parent.mkdir(parents=True, exist_ok=True)
+    (bundle / name).write_bytes(b"not checksummed")
+    with pytest.raises(BundleError, match=rf"1 file\(s\) not listed in manifest.yaml: '{name}'.*remove them"):
+        load_bundle(bundle)
+
+
+def test_unlisted_links_refused_engines_and_update_temps_allowed(bundle: Path, tmp_path: Path):
+    (bundle / "engines").mkdir()
+    (bundle / "engines" / "abc.engine").write_bytes(b"device-built engine")
+    (bundle / ".manifest.yaml.tmp-0123abcd").write_bytes(b"torn")  # what a killed update leaves
+    load_bundle(bundle)
+    (tmp_path / "elsewhere").mkdir()
+    (bundle / "linked").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(BundleError, match="not listed in manifest.yaml: 'linked'"):
+        load_bundle(bundle)
+    (bundle / "linked").unlink()
+    os.link(bundle / "model.onnx", bundle / "hard.onnx")
+    with pytest.raises(BundleError, match="not listed in manifest.yaml: 'hard.onnx'"):
+        load_bundle(bundle)
+
+
+# ----------------------------------------------------------------------------------------------
+# the artifact allow-list: every type checked by its real format, at write and at load
+# ----------------------------------------------------------------------------------------------
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _zip_with(member: str, data: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(member, data)
+    return buf.getvalue()
+
+
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
+
+
+def _hostile_artifacts() -> list[tuple[str, bytes, str]]:
+    import pickle
+
+    p0, p1 = pickle.dumps(_Evil(), protocol=0), pickle.dumps(_Evil(), protocol=1)
+    return [
+        ("state.dat", p0, r"'state.dat' has type .dat, which no listed model references"),
+        ("bank.npy", p1, r"'bank.npy': not a plain .npy"),
+        ("extra.json", p0, r"'extra.json': not valid JSON"),
+        ("model.pkl.gz", _gzip(p0), r"'model.pkl.gz' has type .gz"),
+        ("weights.bin", _zip_with("archive/data.pkl", pickle.dumps(_Evil(), protocol=2)),
+         r"'weights.bin' has type .bin, which no listed model references"),
+        ("extra.npz", _zip_with("a.npy", p1), r"'extra.npz' has type .npz"),
+        ("big.dat", pickle.dumps(list(range(200_000)), protocol=4), r"'big.dat' is a Python pickle"),
+        ("nan.json", b'{"auroc": NaN}', r"'nan.json': not valid JSON \(NaN is not JSON\)"),
+        ("bad.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a":1}' + b" " * 9, r"no valid dtype"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_hostile_artifacts_refused_at_load_even_when_listed_and_hashed(bundle: Path, index: int):
+    name, data, message = _hostile_artifacts()[index]
+    _list_artifact(bundle, name, data)  # a consistent forgery: listed, hashed, re-sealed
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_hostile_artifacts_refused_at_write(base_bundle: Path, tmp_path: Path, index: int):
+    name, data, message = _hostile_artifacts()[index]
+    b = load_bundle(base_bundle)
+    artifacts = {n: b.path(n) for n in b.manifest.artifacts}
+    with pytest.raises(BundleError, match=message):
+        write_bundle(tmp_path / "out", b.manifest, {**artifacts, name: data})
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_pickle_replacing_the_model_is_refused_by_format(bundle: Path):
+    import pickle
+
+    for protocol in (0, 1):
+        _list_artifact(bundle, "model.onnx", pickle.dumps(_Evil(), protocol=protocol))
+        with pytest.raises(BundleError, match="'model.onnx': not an ONNX protobuf"):
+            load_bundle(bundle)
+
+
+def test_pickle_zipped_in_a_referenced_bin_is_refused(bundle: Path):
+    import pickle
+
+    ir = b'<?xml version="1.0"?>\n<net name="x" version="11"><layers></layers></net>\n'
+    _list_artifact(bundle, "extra/model.xml", ir)
+    _list_artifact(bundle, "extra/model.bin", _zip_with("archive/data.pkl", pickle.dumps(_Evil(), protocol=2)))
+    with pytest.raises(BundleError, match="'extra/model.bin' is a zip archive"):
+        load_bundle(bundle)
+
+
+def test_legitimate_typed_artifacts_load(bundle: Path, tmp_path: Path):
+    from safetensors.numpy import save
+
+    _list_artifact(bundle, "bank.npy", _npy(np.arange(12, dtype=np.float32).reshape(3, 4)))
+    _list_artifact(bundle, "extra/weights.safetensors", save({"w": np.ones((2, 3), np.float16)}))
+    b = load_bundle(bundle)
+    assert np.load(b.path("bank.npy")).sum() == 66 and b.has("extra/weights.safetensors")
+    # A numeric .npy with bytes appended (somewhere to hide a payload) is refused.
+    _list_artifact(bundle, "bank.npy", _npy(np.zeros(3, np.float32)) + b"trailing")
+    with pytest.raises(BundleError, match="'bank.npy': the .npy holds bytes beyond its array"):
+        load_bundle(bundle)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def openvino_ir(base_bundle: Path, tmp_path_factory) -> tuple[bytes, bytes]:
+    """A real OpenVINO IR of the real model (fp32)."""
+    from edge_ad.converters.openvino import convert_openvino
+
+    out = convert_openvino(base_bundle / "model.onnx", tmp_path_factory.mktemp("ov"), precision="fp32")
+    return Path(out.xml).read_bytes(), Path(out.bin).read_bytes()
+
+
+def test_openvino_ir_checked_against_its_bin(bundle: Path, openvino_ir):
+    xml, weights = openvino_ir
+    _list_artifact(bundle, "extra/model.xml", xml)
+    _list_artifact(bundle, "extra/model.bin", weights)
+    load_bundle(bundle)  # the real IR passes: every Const lies inside its .bin
+    _list_artifact(bundle, "extra/model.bin", weights[: len(weights) // 2])
+    with pytest.raises(BundleError, match=r"'extra/model.xml': Const layer .* reads bytes \d+\.\.\d+ of "
+                                          r"'extra/model.bin', which has \d+"):
+        load_bundle(bundle)
+    bomb = b'<?xml version="1.0"?><!DOCTYPE net [<!ENTITY a "aaaa">]><net name="x">&a;</net>'
+    _list_artifact(bundle, "extra/model.xml", bomb)
+    with pytest.raises(BundleError, match="XML with a DTD / entities is refused"):
+        load_bundle(bundle)

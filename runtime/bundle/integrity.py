@@ -1,138 +1,27 @@
-"""Artifact integrity: sizes, sha256, pickle-freedom and "the file is what its name says".
+"""Artifact integrity: sizes, sha256, and no unlisted files in a bundle directory.
 
-Torch-free; needs numpy only to read ``.npy`` headers.
+What each artifact may be is :mod:`.formats`' job (the allow-list). Torch-free.
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
-import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from .durable import TEMP_PATTERN
+from .formats import check_artifact_formats
 from .schema import (
     _CHUNK,
+    ENGINES_DIR,
     MANIFEST_FILE,
-    PICKLE_SUFFIXES,
+    SIGNATURE_FILE,
     ArtifactRecord,
     BundleError,
     Manifest,
     Source,
 )
-
-_PICKLE_WINDOW = 1 << 20
-_PICKLE_IMPORT_OPS = frozenset({"GLOBAL", "STACK_GLOBAL"})
-
-
-def _is_pickle_stream(path: Path) -> bool:
-    """Whether ``path`` holds a protocol 2+ pickle (PyTorch, joblib, numpy object arrays, ...).
-
-    Cheap for everything else: only files starting with PROTO (0x80) and a protocol number 2..5 are
-    parsed, with :mod:`pickletools` (which decodes opcodes and never executes anything), within a
-    1 MiB window. It is a pickle when either
-
-    * the window holds a complete, stack-consistent pickle (``pickletools.dis``) that has at least
-      8 opcodes, ends the file, or is followed by another pickle (legacy ``torch.save``); or
-    * at least 8 opcodes parse and one imports a global (a pickle larger than the window).
-
-    Raw weights that happen to start with 0x80 0x02..0x05 (OpenVINO ``.bin``) fail both: on random
-    data the rate is below 1e-9.
-    """
-    import pickletools
-
-    with open(path, "rb") as f:
-        window = f.read(_PICKLE_WINDOW)
-        size = os.fstat(f.fileno()).st_size
-    if len(window) < 2 or window[0] != 0x80 or not 2 <= window[1] <= 5:
-        return False
-    names: list[str] = []
-    stop = None
-    try:
-        for op, _arg, pos in pickletools.genops(window):
-            names.append(op.name)
-            if op.name == "STOP":
-                stop = pos
-                break
-    except Exception:  # unknown opcode, or an argument running past the window
-        pass
-    if len(names) >= 8 and _PICKLE_IMPORT_OPS.intersection(names):
-        return True
-    if stop is None:
-        return False
-    try:
-        pickletools.dis(window[: stop + 1], out=_NullWriter())
-    except Exception:
-        return False
-    rest = window[stop + 1 : stop + 3]
-    return len(names) >= 8 or stop + 1 == size or (len(rest) == 2 and rest[0] == 0x80 and 2 <= rest[1] <= 5)
-
-
-class _NullWriter:
-    """A text sink for ``pickletools.dis`` (its listing is not needed, only whether it parses)."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-
-def _npy_has_objects(f: BinaryIO, label: str) -> bool:
-    magic = f.read(8)
-    if len(magic) < 8 or magic[:6] != b"\x93NUMPY":
-        raise BundleError(f"artifact {label} is not a .npy file (bad magic); write it with numpy.save")
-    major = magic[6]
-    size_bytes = 2 if major == 1 else 4
-    header_len = int.from_bytes(f.read(size_bytes), "little")
-    header = f.read(header_len).decode("latin1" if major < 3 else "utf-8")
-    try:
-        meta = ast.literal_eval(header)
-        import numpy as np
-
-        dtype = np.lib.format.descr_to_dtype(meta["descr"])
-    except Exception as e:  # malformed header
-        raise BundleError(f"artifact {label}: unreadable .npy header ({e}); write it with numpy.save") from None
-    return bool(dtype.hasobject)
-
-
-def _check_not_pickle(name: str, path: Path) -> None:
-    """Refuse pickle content whatever the suffix; check ONNX / IR look like what they claim."""
-    lower = name.lower()
-    with open(path, "rb") as f:
-        head = f.read(64)
-    fix = "bundles never hold pickles; export to ONNX / OpenVINO IR / safetensors / plain .npy"
-    if _is_pickle_stream(path):
-        raise BundleError(f"artifact {name!r} is a Python pickle (it parses as pickle opcodes); {fix}")
-    if lower.endswith(".npy"):
-        with open(path, "rb") as f:
-            if _npy_has_objects(f, repr(name)):
-                raise BundleError(f"artifact {name!r} is an object-dtype .npy (loading it needs pickle); {fix}")
-    if head.startswith(b"PK\x03\x04"):
-        try:
-            with zipfile.ZipFile(path) as zf:
-                members = zf.namelist()
-                for member in members:
-                    if member.lower().endswith(PICKLE_SUFFIXES) or member.endswith("data.pkl"):
-                        raise BundleError(
-                            f"artifact {name!r} is a zip holding the pickle {member!r} (a PyTorch checkpoint?); {fix}"
-                        )
-                    if member.lower().endswith(".npy"):
-                        with zf.open(member) as mf:
-                            if _npy_has_objects(mf, f"{name!r} member {member!r}"):  # type: ignore[arg-type]
-                                raise BundleError(f"artifact {name!r} holds the object-dtype array {member!r}; {fix}")
-        except zipfile.BadZipFile:
-            pass  # raw data that merely starts with the zip magic (e.g. weights): nothing to unpack
-    if lower.endswith(".onnx"):
-        if not head:
-            raise BundleError(f"artifact {name!r} is empty; re-export the ONNX model")
-        # ModelProto serialises its fields in number order: ir_version (field 1, varint) comes first.
-        if head[0] != 0x08:
-            raise BundleError(
-                f"artifact {name!r} is not an ONNX protobuf (first bytes {head[:8].hex()}); re-export it with "
-                "torch.onnx.export / onnx.save"
-            )
-    if lower.endswith(".xml") and not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
-        raise BundleError(f"artifact {name!r} is not XML (OpenVINO IR); re-export it with openvino.save_model")
-
 
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -191,7 +80,33 @@ def _verify_artifacts(root: Path, manifest: Manifest, *, checksums: bool, label:
                     f"bundle {label}: sha256 mismatch for {name!r}: expected {record.sha256}, got {actual} "
                     "(the file was modified or corrupted; copy the bundle again or re-create it)"
                 )
-        _check_not_pickle(name, path)
+    check_artifact_formats(root, {name: record.bytes for name, record in manifest.artifacts.items()}, label)
+    check_no_unlisted(root, manifest, label)
+
+
+def check_no_unlisted(root: Path, manifest: Manifest, label: str) -> None:
+    """Refuse files in the bundle directory that the manifest does not list (they are not checksummed,
+    yet an engine could read them, e.g. as ONNX external data). Allowed besides the artifacts:
+    ``manifest.yaml``, ``manifest.sig``, anything under ``engines/`` (device-built TensorRT engines)
+    and the hidden temp files of an interrupted manifest update (never read)."""
+    allowed = set(manifest.artifacts) | {MANIFEST_FILE, SIGNATURE_FILE}
+    unlisted = []
+    for dirpath, dirs, files in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        if rel_dir == ".":
+            dirs[:] = [d for d in dirs if d != ENGINES_DIR]
+            files = [f for f in files if not TEMP_PATTERN.match(f)]
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if rel not in allowed:
+                unlisted.append(rel)
+    if unlisted:
+        shown = ", ".join(repr(n) for n in sorted(unlisted)[:5]) + (" ..." if len(unlisted) > 5 else "")
+        raise BundleError(
+            f"bundle {label}: {len(unlisted)} file(s) not listed in {MANIFEST_FILE}: {shown}. Unlisted files are not "
+            f"checksummed, yet an engine could read them; remove them (only {ENGINES_DIR}/ may hold extra files) "
+            "or re-create the bundle with them as artifacts"
+        )
 
 
 def _read_fidelity(path: Path) -> dict[str, Any]:

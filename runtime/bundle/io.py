@@ -15,7 +15,8 @@ from typing import Any
 from ..preprocess_spec import PreprocessSpec
 from ..targets import Target
 from .durable import fault_point, fsync_tree, locked_dir, remove_stale_temps, replace_file_atomic, swap_in_dir
-from .integrity import _check_not_pickle, _copy_hashed, _read_fidelity, _verify_artifacts
+from .formats import check_artifact_formats
+from .integrity import _copy_hashed, _read_fidelity, _verify_artifacts
 from .schema import (
     _FIX_EDIT,
     _SEAL_KEY,
@@ -104,7 +105,7 @@ def write_bundle(
         for name, source in sorted(sources.items()):
             dest = staging / name
             records[name] = _copy_hashed(source, dest, name)
-            _check_not_pickle(name, dest)
+        check_artifact_formats(staging, {name: record.bytes for name, record in records.items()}, f"being written to {out}")
         if FIDELITY_FILE in records:
             _read_fidelity(staging / FIDELITY_FILE)
         final = manifest.replace(artifacts=records)

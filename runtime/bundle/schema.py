@@ -22,6 +22,8 @@ from ..targets import OPENVINO_PRECISION_HINTS, PRECISIONS, Target, get_target, 
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.yaml"
+#: Optional Ed25519 signature of the manifest seal (:mod:`.signing`); not an artifact (it signs the manifest).
+SIGNATURE_FILE = "manifest.sig"
 FIDELITY_FILE = "fidelity.json"
 ARTIFACT_ONNX = "model.onnx"
 ARTIFACT_OPENVINO_XML = "openvino/model.xml"
@@ -694,7 +696,7 @@ def _check_artifact_name(name: Any) -> str:
             f"artifact name {name!r} is not a plain relative path (letters, digits, '._-', '/' between parts, "
             "no '..'); rename it, e.g. 'model.onnx' or 'openvino/model.xml'"
         )
-    if name == MANIFEST_FILE or name.split("/")[0] == ENGINES_DIR:
+    if name in (MANIFEST_FILE, SIGNATURE_FILE) or name.split("/")[0] == ENGINES_DIR:
         raise BundleError(
             f"artifact name {name!r} is reserved ({MANIFEST_FILE} is written by write_bundle; {ENGINES_DIR}/ holds "
             "engines built on the device); pick another name"
