@@ -166,19 +166,8 @@ def _run_frames(detector: "Detector", frames: Iterator[np.ndarray], roi: Any, co
 
 
 def apply_thresholds(detector: "Detector", thresholds: Thresholds | None) -> None:
-    """Make ``detector`` use ``thresholds`` from its next frame on (decision and display mapping).
-
-    Each attribute assignment is atomic; a frame being postprocessed by another thread at that
-    instant may see the old image threshold with the new pixel threshold.
-    """
-    from .detector import DEFAULT_DISPLAY_THRESHOLD
-
-    image = thresholds.image_threshold if thresholds is not None else None
-    pixel = thresholds.pixel_threshold if thresholds is not None else None
-    detector.display_threshold = pixel if pixel is not None and pixel > 0 else DEFAULT_DISPLAY_THRESHOLD
-    detector.pixel_threshold = pixel
-    detector.image_threshold = image
-    detector._warned = False  # warn again if the new thresholds are still incomplete
+    """Make ``detector`` use ``thresholds`` from its next frame on (:meth:`Detector.set_thresholds`)."""
+    detector.set_thresholds(thresholds)
 
 
 def calibrate_bundle(

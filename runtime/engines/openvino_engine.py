@@ -6,7 +6,7 @@ inference.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -63,6 +63,18 @@ class OpenVINOEngine(SlotEngine):
         self._buffers[slot] = self.requests[slot].get_input_tensor().data  # a view of the tensor's memory
         self._sizes[slot] = n
 
+    def io_specs(self) -> tuple[list[Any], list[Any]]:
+        """The compiled model's real (inputs, outputs) as :class:`~edge_ad.runtime.engine_io.TensorSpec` lists."""
+        from ..engine_io import TensorSpec, dtype_name
+
+        def spec(port: Any, i: int) -> TensorSpec:
+            shape = port.get_partial_shape()
+            dims = tuple(int(d.get_length()) if d.is_static else None for d in shape)
+            return TensorSpec(next(iter(port.get_names()), str(i)), dims, dtype_name(port.get_element_type().to_dtype()))
+
+        return ([spec(p, i) for i, p in enumerate(self.compiled.inputs)],
+                [spec(p, i) for i, p in enumerate(self.compiled.outputs)])
+
     # -- asynchronous API ----------------------------------------------------------------------
 
     def slot_buffer(self, slot: int, n: int) -> np.ndarray:
@@ -77,7 +89,11 @@ class OpenVINOEngine(SlotEngine):
         if self._busy[slot]:
             raise RuntimeError(f"slot {slot} is still in flight: call wait({slot}) before starting it again")
         self._n[slot], self._busy[slot] = n, True
-        self.requests[slot].start_async()
+        try:
+            self.requests[slot].start_async()
+        except BaseException:
+            self._busy[slot] = False  # nothing is in flight: the slot must stay usable
+            raise
 
     def wait(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         slot = check_slot(slot, self.num_slots)
