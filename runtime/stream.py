@@ -68,6 +68,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -181,6 +182,17 @@ class StreamStats:
     @property
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
+
+    def no_result_reason(self) -> str:
+        """Why a stream delivered nothing, for people: the skip reasons with the first skip's detail."""
+        if self.captured == 0:
+            return f"source {self.source} delivered no frames" + (f" ({self.error})" if self.error else "")
+        if self.skipped_total == self.captured:
+            counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+            first = f"; first: {self.skips[0]['detail']}" if self.skips else ""
+            return f"every one of the {self.captured} frames read from {self.source} was skipped ({counts}){first}"
+        return (f"no result from the {self.captured} frames read from {self.source} (dropped {self.dropped}, skipped "
+                f"{self.skipped})" + (f": {self.error}" if self.error else ""))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -789,6 +801,10 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
             bar = tqdm(desc="edge-ad run", unit="frame", total=max_frames)
         except ImportError:
             bar = None
+    for what, path in (("--save video", save), ("--jsonl file", jsonl)):
+        folder = Path(path).parent if path else None
+        if folder is not None and not folder.is_dir():
+            raise FileNotFoundError(f"cannot write the {what} {path}: folder {folder} does not exist (create it first)")
     out = open(jsonl, "w", encoding="utf-8") if jsonl else None  # noqa: SIM115 - closed in finally
     writer = None
     writer_size = (0, 0)
