@@ -48,6 +48,9 @@ class OpenVINOEngine(SlotEngine):
         self._map_idx, self._score_idx = _output_indices(bundle, names)
         self._dtype = np.float16 if self.compiled.inputs[0].get_element_type() == ov.Type.f16 else np.float32
         self._ov = ov
+        from ..engine_io import check_engine_io
+
+        check_engine_io(bundle, self)  # before buffers shaped from the manifest meet the model
         self.requests = [self.compiled.create_infer_request() for _ in range(self.num_slots)]
         self.request = self.requests[0]  # the synchronous API's request (kept for callers of the old attribute)
         self._buffers: list[np.ndarray] = [np.empty(0)] * self.num_slots
