@@ -441,3 +441,15 @@ def test_third_party_info_logs_go_to_the_file_not_the_console(tmp_path, capfd):
     assert "Not adding activation input quantizer" in text and "a real NNCF warning" in text
     nncf_logger.info("after the block: the console again")
     assert "after the block" in capfd.readouterr().out
+
+
+def test_cli_convert_keeps_nncf_info_off_the_console(knn_run, real_root, tmp_path, capfd):
+    out = tmp_path / "ov"
+    assert main(["convert", str(knn_run), "--target", "intel-cpu", "--precision", "int8", "--calib",
+                 str(real_root / CATEGORY), "--calib-count", "8", "--out", str(out)]) == 0
+    captured = capfd.readouterr()
+    console = captured.out + captured.err
+    log = tmp_path / "ov.convert.log"
+    assert "INFO:nncf" not in console and f"go to {log}" in console and "[convert] bundle written" in console
+    assert "INFO nncf: Not adding activation input quantizer" in log.read_text()
+    assert load_bundle(out).manifest.precision == "int8"  # beside the bundle, not inside it
