@@ -242,6 +242,8 @@ class Detector:
 
         Returns:
             A :class:`~edge_ad.runtime.stream.Stream` (iterable, context manager, ``stats``, ``close()``).
+            One stream of a detector runs at a time (a second one raises RuntimeError when it
+            starts); a failed, closed or dropped stream gives its engine slots back.
         """
         from .stream import Stream
 

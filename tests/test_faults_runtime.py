@@ -114,11 +114,14 @@ def test_engine_error_mid_stream_then_a_new_stream_works(onnx_bundle, frames):
     real = det.engine
     det.engine = FaultyEngine(real, fail_at=3)
     got = []
+    failed = det.stream(frames * 3, lossless=True)
     with pytest.raises(StreamError, match="CUDA error 700"):
-        for res in det.stream(frames * 3, lossless=True):
+        for res in failed:
             got.append(res.frame_index)
     assert got == [0, 1]
     _wait_no_stream_threads()
+    s = failed.stats
+    assert s.skipped.get("engine_error") == 1 and s.captured == s.delivered + s.dropped_total + s.skipped_total
     det.engine = real  # the driver recovered: the same detector streams again, every frame
     stream = det.stream(frames, lossless=True)
     results = list(stream)
