@@ -5,7 +5,7 @@ Nothing in this package imports torch, directly or indirectly; a test enforces i
 from __future__ import annotations
 
 from ._cv import cv2_available, require_cv2
-from .detector import Detector
+from .detector import Detector, NonFiniteOutputError
 from .result import Region, Result
 from .bundle import Bundle, BundleError, Manifest, load_bundle, update_manifest, write_bundle
 from .image_io import IMAGE_SUFFIXES, is_image_file, read_image, read_mask
@@ -22,6 +22,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "Bundle",
     "Detector",
+    "NonFiniteOutputError",
     "Region",
     "Result",
     "BundleError",

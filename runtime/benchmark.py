@@ -185,6 +185,9 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
     for name, v in (("warmup", warmup), ("iterations", iterations)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup" else 1):
             raise ValueError(f"{name} must be an int >= {0 if name == 'warmup' else 1}, got {v!r}")
+    if (not isinstance(frame_size, (tuple, list)) or len(frame_size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in frame_size)):
+        raise ValueError(f"frame_size must be (height, width) in pixels, each >= 2, got {frame_size!r}")
     det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device)
     if progress:
         print(f"[benchmark] bare engine: {warmup} warm-up + {iterations} calls", file=sys.stderr)
@@ -210,6 +213,8 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
             for s in STAGES:
                 times[s].append(res.timings[s])
     stats = stream.stats
+    if stats.delivered == 0:  # a table of NaN would hide it
+        raise RuntimeError(f"benchmark measured nothing: {stats.no_result_reason()}")
     # Rate over the measured results: (results - 1) intervals between the first and last one.
     e2e = (measured - 1) / (t_last - t_first) if measured > 1 and t_last > t_first else float("nan")
     m = det.bundle.manifest

@@ -32,6 +32,20 @@ At least :data:`MIN_FRAMES` frames are required; fewer than ``1 / target_fpr`` f
 but warned about (the threshold is then the highest good score seen, see
 :mod:`edge_ad.calibration.thresholds`). Use frames of good parts only: a defect among them raises
 the threshold.
+
+Degenerate frames and the margin floor: frames that are (nearly) all the same image (a still
+picture, a frozen camera) put the order statistic exactly on their common score, so one grey
+level more reads as anomalous. Each threshold is therefore floored at the median of its good
+values plus :data:`MIN_MARGIN` model units (the models normalise their outputs so that good
+training images have unit spread: the floor is one such standard deviation); it rarely binds on
+real frames (typical margins are 2-3 units). A score spread below :data:`DEGENERATE_SCORE_STD`
+is warned about, and both facts are recorded in ``thresholds.details["margin_floor"]``.
+
+Memory and live sources: scores are kept (4 bytes a frame), maps are not: a bounded sample of at
+most :data:`MAX_PIXEL_SAMPLE` map pixels, stratified over the frames (every frame keeps the same
+number of randomly chosen pixels, halved for all frames when the sample would overflow), feeds
+the pixel threshold (exact while all pixels fit). A live source (camera, RTSP, GStreamer) never
+ends, so calibrating on one requires ``max_frames``.
 """
 from __future__ import annotations
 
@@ -50,10 +64,17 @@ from .bundle import Thresholds, load_bundle, update_manifest
 if TYPE_CHECKING:  # pragma: no cover
     from .detector import Detector
 
-__all__ = ["MIN_FRAMES", "CalibrationReport", "apply_thresholds", "calibrate_bundle", "iter_frames"]
+__all__ = ["DEGENERATE_SCORE_STD", "MAX_PIXEL_SAMPLE", "MIN_FRAMES", "MIN_MARGIN", "CalibrationReport",
+           "PixelSample", "apply_thresholds", "calibrate_bundle", "iter_frames"]
 
 #: Fewest good frames calibration accepts: below this the order statistic is mostly noise.
 MIN_FRAMES = 20
+#: Smallest distance (model units) of a threshold above the median of its good values.
+MIN_MARGIN = 1.0
+#: Good-score standard deviation (model units) below which the frames are called degenerate.
+DEGENERATE_SCORE_STD = 0.05
+#: Most map pixels kept for the pixel threshold (float32: 8 MiB).
+MAX_PIXEL_SAMPLE = 1 << 21
 _CHUNK = 8
 
 
@@ -66,7 +87,8 @@ class CalibrationReport:
         previous: the bundle's thresholds before calibration (None if it had none).
         num_frames: good frames used.
         image_fpr: fraction of those frames scoring above the new image threshold (<= target).
-        pixel_fpr: fraction of their model-resolution map pixels above the new pixel threshold.
+        pixel_fpr: fraction of their (sampled, :class:`PixelSample`) model-resolution map pixels above
+            the new pixel threshold.
         scores: (num_frames,) float32 image scores of the frames, in input order.
         saved: whether the manifest was updated.
     """
@@ -80,11 +102,49 @@ class CalibrationReport:
     saved: bool
 
 
-def _source_frames(spec: str | os.PathLike) -> tuple[Iterator[np.ndarray], str]:
+class PixelSample:
+    """A bounded sample of map pixels, stratified over frames (see the module docstring).
+
+    ``add`` each (h, w) map; :meth:`array` gives (N, 1, k): k pixels of each of the N frames, with
+    N * k <= ``budget`` (while k >= 1) and k = h * w (every pixel) while they all fit.
+    """
+
+    def __init__(self, budget: int = MAX_PIXEL_SAMPLE, seed: int = 0) -> None:
+        self.budget = int(budget)
+        self.per_frame: int | None = None
+        self.shape: tuple[int, int] | None = None
+        self._rows: list[np.ndarray] = []
+        self._rng = np.random.default_rng(seed)
+
+    def _pick(self, values: np.ndarray, k: int) -> np.ndarray:
+        return values if values.size <= k else self._rng.choice(values, k, replace=False)
+
+    def add(self, model_map: np.ndarray) -> None:
+        values = np.asarray(model_map, np.float32).ravel()
+        if self.per_frame is None:
+            self.per_frame, self.shape = values.size, tuple(np.shape(model_map)[-2:])
+        self._rows.append(self._pick(values, self.per_frame).copy())
+        while len(self._rows) * self.per_frame > self.budget and self.per_frame > 1:
+            self.per_frame //= 2
+            self._rows = [self._pick(r, self.per_frame) for r in self._rows]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def array(self) -> np.ndarray:
+        if not self._rows:
+            return np.zeros((0, 1, 1), np.float32)
+        return np.stack(self._rows)[:, None, :]
+
+
+def _source_frames(spec: Any, max_frames: int | None) -> tuple[Iterator[np.ndarray], str]:
     """Frames of a source spec (folder, video file, camera...) through ``edge_ad.runtime.sources``."""
     from .sources import Skip, open_source
 
-    source = open_source(str(spec))
+    source = open_source(os.fspath(spec) if isinstance(spec, os.PathLike) else spec)
+    if source.live and max_frames is None:
+        raise ValueError(f"{source.name} is a live source: it never ends, so calibration needs a frame budget; pass "
+                         f"max_frames (edge-ad calibrate --max-frames N, N >= {MIN_FRAMES}, e.g. 500)")
 
     def frames() -> Iterator[np.ndarray]:
         source.open()
@@ -104,9 +164,14 @@ def _source_frames(spec: str | os.PathLike) -> tuple[Iterator[np.ndarray], str]:
 
 
 def iter_frames(good_frames: Any, max_frames: int | None = None) -> tuple[Iterator[np.ndarray], str]:
-    """``(frames, description)`` from a source spec string / path, a (N, H, W[, C]) array or an iterable of frames."""
-    if isinstance(good_frames, (str, os.PathLike)):
-        frames, name = _source_frames(good_frames)
+    """``(frames, description)`` from a source spec (path, camera index, URL, FrameSource), a (N, H, W[, C]) array
+    or an iterable of frames. A live source needs ``max_frames``."""
+    from .sources import FrameSource
+
+    if isinstance(max_frames, bool) or not (max_frames is None or isinstance(max_frames, int)):
+        raise ValueError(f"max_frames must be an int >= {MIN_FRAMES} (or None for all), got {max_frames!r}")
+    if isinstance(good_frames, (str, os.PathLike, int, FrameSource)) and not isinstance(good_frames, bool):
+        frames, name = _source_frames(good_frames, max_frames)
     elif isinstance(good_frames, np.ndarray):
         if good_frames.ndim not in (3, 4):
             raise ValueError(f"good_frames array must be (N, H, W) or (N, H, W, C), got shape {good_frames.shape}")
@@ -117,15 +182,15 @@ def iter_frames(good_frames: Any, max_frames: int | None = None) -> tuple[Iterat
         raise TypeError(f"good_frames must be a source (folder / video path, camera spec), an array or an iterable of "
                         f"uint8 frames, got {type(good_frames).__name__}")
     if max_frames is not None:
-        if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < MIN_FRAMES:
+        if max_frames < MIN_FRAMES:
             raise ValueError(f"max_frames must be an int >= {MIN_FRAMES} (or None for all), got {max_frames!r}")
         frames = (f for i, f in zip(range(max_frames), frames))
     return frames, name
 
 
 def _run_frames(detector: "Detector", frames: Iterator[np.ndarray], roi: Any, color_order: str,
-                progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N,) and model-resolution maps (N, h, w) of all frames, in chunks of the engine batch."""
+                progress: bool) -> tuple[np.ndarray, PixelSample]:
+    """Scores (N,) and a bounded sample of the model-resolution map pixels of all frames, in chunks."""
     step = detector.engine.batch or _CHUNK
     bar = None
     if progress:
@@ -136,7 +201,7 @@ def _run_frames(detector: "Detector", frames: Iterator[np.ndarray], roi: Any, co
         except ImportError:
             pass
     scores: list[float] = []
-    maps: list[np.ndarray] = []
+    sample = PixelSample(MAX_PIXEL_SAMPLE)
     chunk: list[np.ndarray] = []
 
     def flush() -> None:
@@ -145,7 +210,7 @@ def _run_frames(detector: "Detector", frames: Iterator[np.ndarray], roi: Any, co
             results = detector.predict_batch(chunk, color_order=color_order, roi=roi)
         for r in results:
             scores.append(r.score)
-            maps.append(r.model_map)
+            sample.add(r.model_map)
         if bar is not None:
             bar.update(len(chunk))
         chunk.clear()
@@ -160,25 +225,34 @@ def _run_frames(detector: "Detector", frames: Iterator[np.ndarray], roi: Any, co
     finally:
         if bar is not None:
             bar.close()
-    if not scores:
-        return np.zeros(0, np.float32), np.zeros((0, 1, 1), np.float32)
-    return np.asarray(scores, np.float32), np.stack(maps).astype(np.float32, copy=False)
+    return np.asarray(scores, np.float32), sample
+
+
+def _floor_margins(scores: np.ndarray, maps: np.ndarray, image: float, pixel: float,
+                   source_name: str) -> tuple[float, float, dict[str, Any]]:
+    """Floor both thresholds at median + :data:`MIN_MARGIN`; warn on degenerate (near-constant) scores.
+
+    Returns the floored (image, pixel) thresholds and the record for ``details["margin_floor"]``.
+    """
+    image_floor = float(np.median(scores)) + MIN_MARGIN
+    pixel_floor = float(np.median(maps)) + MIN_MARGIN
+    spread = float(np.std(scores))
+    degenerate = spread < DEGENERATE_SCORE_STD
+    if degenerate:
+        warnings.warn(
+            f"the {scores.size} good frames of {source_name} have near-zero score spread (std {spread:.3g} < "
+            f"{DEGENERATE_SCORE_STD} model units): they are (nearly) the same image (a still picture, a frozen "
+            f"camera?). The image threshold is floored at their median + {MIN_MARGIN}; calibrate on frames of "
+            "different good parts, positions and lighting", UserWarning, stacklevel=3)
+    record = {"min_margin": MIN_MARGIN, "score_std": spread, "degenerate": degenerate,
+              "image_floor": image_floor, "image_floored": image < image_floor,
+              "pixel_floor": pixel_floor, "pixel_floored": pixel < pixel_floor}
+    return max(image, image_floor), max(pixel, pixel_floor), record
 
 
 def apply_thresholds(detector: "Detector", thresholds: Thresholds | None) -> None:
-    """Make ``detector`` use ``thresholds`` from its next frame on (decision and display mapping).
-
-    Each attribute assignment is atomic; a frame being postprocessed by another thread at that
-    instant may see the old image threshold with the new pixel threshold.
-    """
-    from .detector import DEFAULT_DISPLAY_THRESHOLD
-
-    image = thresholds.image_threshold if thresholds is not None else None
-    pixel = thresholds.pixel_threshold if thresholds is not None else None
-    detector.display_threshold = pixel if pixel is not None and pixel > 0 else DEFAULT_DISPLAY_THRESHOLD
-    detector.pixel_threshold = pixel
-    detector.image_threshold = image
-    detector._warned = False  # warn again if the new thresholds are still incomplete
+    """Make ``detector`` use ``thresholds`` from its next frame on (:meth:`Detector.set_thresholds`)."""
+    detector.set_thresholds(thresholds)
 
 
 def calibrate_bundle(
@@ -208,7 +282,8 @@ def calibrate_bundle(
         device: engine device when ``detector`` is not given (``"auto"`` = the bundle target's).
         roi: ``(x, y, w, h)`` crop applied to every frame, as in production.
         color_order: ``"bgr"`` (OpenCV cameras), ``"rgb"`` or ``"gray"``.
-        max_frames: use at most this many frames (>= :data:`MIN_FRAMES`; None = all).
+        max_frames: use at most this many frames (>= :data:`MIN_FRAMES`; None = all; required for a
+            live source: camera, RTSP, GStreamer).
         save: write the thresholds into ``manifest.yaml`` (re-sealed).
         detector: run the frames on this already loaded detector of the same bundle.
         progress: show a tqdm bar when tqdm is installed.
@@ -218,7 +293,10 @@ def calibrate_bundle(
 
     Raises:
         ValueError: fewer than :data:`MIN_FRAMES` frames, a bad ``target_fpr`` / ``pixel_fpr``,
-            or ``save=True`` on a ``.tar`` bundle.
+            a live source without ``max_frames``, or ``save=True`` on a ``.tar`` bundle.
+
+    Warns:
+        UserWarning: near-constant good scores (degenerate frames; the margin floor applies).
     """
     from edge_ad.calibration.thresholds import fit_thresholds  # numpy only
 
@@ -239,7 +317,8 @@ def calibrate_bundle(
         pixel_fpr = previous.pixel_fpr if previous is not None and previous.pixel_fpr else 0.01
 
     frames, source_name = iter_frames(good_frames, max_frames)
-    scores, maps = _run_frames(detector, frames, roi, color_order, progress)
+    scores, sample = _run_frames(detector, frames, roi, color_order, progress)
+    maps = sample.array()
     n = int(scores.size)
     if n < MIN_FRAMES:
         raise ValueError(
@@ -248,18 +327,23 @@ def calibrate_bundle(
             "frames of good parts (different parts, positions and lighting of a normal shift)"
         )
     fitted = fit_thresholds(scores, maps, target_fpr=float(target_fpr), pixel_fpr=float(pixel_fpr))
-    pixel_fit = float(np.count_nonzero(maps > fitted.pixel_threshold)) / maps.size
+    image_threshold, pixel_threshold, floor = _floor_margins(scores, maps, fitted.image_threshold,
+                                                             fitted.pixel_threshold, source_name)
+    image_fit = float(np.count_nonzero(scores > image_threshold)) / n
+    pixel_fit = float(np.count_nonzero(maps > pixel_threshold)) / maps.size
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     details = {
         "calibrated": "on-site",
         "date": created,
         "num_images": n,
-        "fit_fpr": fitted.fit_fpr,
+        "fit_fpr": image_fit,
         "pixel_fit_fpr": pixel_fit,
         "method": fitted.method,
         "score_stats": fitted.score_stats,
         "map_stats": fitted.map_stats,
-        "map_resolution": f"{maps.shape[1]}x{maps.shape[2]}",
+        "map_resolution": f"{sample.shape[0]}x{sample.shape[1]}",
+        "pixel_sample": {"pixels_per_frame": int(maps.shape[2]), "pixels": int(maps.size)},
+        "margin_floor": floor,
         "roi": None if roi is None else ",".join(str(int(v)) for v in roi),
         "color_order": color_order,
         "engine": f"{detector.engine.name}:{detector.engine.device}",
@@ -267,12 +351,12 @@ def calibrate_bundle(
                      "pixel_threshold": previous.pixel_threshold if previous else None,
                      "source": previous.source if previous else None},
     }
-    thresholds = Thresholds(image_threshold=fitted.image_threshold, pixel_threshold=fitted.pixel_threshold,
+    thresholds = Thresholds(image_threshold=image_threshold, pixel_threshold=pixel_threshold,
                             target_fpr=float(target_fpr), pixel_fpr=float(pixel_fpr),
                             source=f"on-site: {n} good frames of {source_name}", details=details)
     if save:
         update_manifest(path, {"thresholds": thresholds})
         detector.bundle = load_bundle(path, verify=False)  # the manifest the detector reports is the saved one
     apply_thresholds(detector, thresholds)
-    return CalibrationReport(thresholds=thresholds, previous=previous, num_frames=n, image_fpr=fitted.fit_fpr,
+    return CalibrationReport(thresholds=thresholds, previous=previous, num_frames=n, image_fpr=image_fit,
                              pixel_fpr=pixel_fit, scores=scores, saved=bool(save))

@@ -25,6 +25,12 @@ process) when calls must overlap on the engine. :meth:`Detector.stream` runs a t
 capture -> preprocess -> infer -> postprocess pipeline on the engine's other slots
 (:mod:`edge_ad.runtime.stream`), so ``predict`` stays usable while a stream runs.
 
+Faults and limits: a frame (or its ROI) above ``max_frame_pixels`` (default
+:data:`DEFAULT_MAX_FRAME_PIXELS`) is refused with a ValueError; a non-finite model score or map is
+a :class:`NonFiniteOutputError` (``predict``) or a counted ``non_finite_output`` skip (streams),
+never a verdict. ``map_resolution="model"`` keeps the maps at the model's resolution (cheaper on
+big frames); the verdict is the same and region boxes are still in frame pixels.
+
 Torch-free: numpy, the bundle's engine package, and OpenCV for region labelling.
 """
 from __future__ import annotations
@@ -47,11 +53,20 @@ from .result import Region, Result
 if TYPE_CHECKING:  # pragma: no cover
     from .stream import ReconnectPolicy, Stream
 
-__all__ = ["Detector"]
+__all__ = ["DEFAULT_MAX_FRAME_PIXELS", "MAP_RESOLUTIONS", "Detector", "NonFiniteOutputError"]
 
 #: Stand-in pixel threshold of the display mapping when the bundle has none (model units).
 DEFAULT_DISPLAY_THRESHOLD = 3.0
+#: Largest frame (or ROI) a detector takes by default, in pixels: 8192 x 8192 (67 MP), above any
+#: line-scan / 8K camera frame. A 20000 x 20000 frame would otherwise cost seconds and GBs of maps.
+DEFAULT_MAX_FRAME_PIXELS = 8192 * 8192
+#: ``Detector.load(map_resolution=...)``: maps at the frame's (ROI's) resolution, or the model's.
+MAP_RESOLUTIONS = ("frame", "model")
 _MIN_SIDE = 2
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The engine returned a NaN / inf score or map for a frame: no verdict can be given for it."""
 
 
 def resize_map(m: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -68,15 +83,27 @@ def resize_map(m: np.ndarray, height: int, width: int) -> np.ndarray:
     return (tmp[iy[:, 0]] * wy[:, 0, None] + tmp[iy[:, 1]] * wy[:, 1, None]).astype(np.float32)
 
 
-def _regions(mask: np.ndarray, raw: np.ndarray, offset: tuple[int, int]) -> list[Region]:
+def _regions(mask: np.ndarray, raw: np.ndarray, offset: tuple[int, int],
+             size: tuple[int, int] | None = None) -> list[Region]:
+    """Connected regions of ``mask`` (h, w) as boxes in frame pixels.
+
+    ``size`` (H, W): the frame / ROI size when ``mask`` is at a smaller (model) resolution; boxes
+    are then scaled to it (outward, so a box always covers its region) and ``area_px`` is the
+    region's mask-pixel count times the pixel area ratio, rounded.
+    """
     if not mask.any():
         return []
     cv2 = require_cv2("label defect regions")
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
+    sy, sx = (1.0, 1.0) if size is None else (size[0] / mask.shape[0], size[1] / mask.shape[1])
     out = []
     for k in range(1, n):
         x, y, w, h, area = (int(v) for v in stats[k])
         peak = float(raw[y : y + h, x : x + w][labels[y : y + h, x : x + w] == k].max())
+        if size is not None:
+            x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
+            x1, y1 = min(size[1], int(np.ceil((x + w) * sx))), min(size[0], int(np.ceil((y + h) * sy)))
+            x, y, w, h, area = x0, y0, x1 - x0, y1 - y0, int(round(area * sx * sy))
         out.append(Region(x + offset[0], y + offset[1], w, h, area, peak))
     out.sort(key=lambda r: -r.area_px)
     return out
@@ -85,24 +112,29 @@ def _regions(mask: np.ndarray, raw: np.ndarray, offset: tuple[int, int]) -> list
 class Detector:
     """Runs a bundle on the engine it was made for. Build with :meth:`load`."""
 
-    def __init__(self, bundle: Bundle, engine: Engine, *, regions: bool = True) -> None:
+    def __init__(self, bundle: Bundle, engine: Engine, *, regions: bool = True, map_resolution: str = "frame",
+                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> None:
+        if map_resolution not in MAP_RESOLUTIONS:
+            raise ValueError(f"map_resolution must be one of {MAP_RESOLUTIONS}, got {map_resolution!r}")
+        if isinstance(max_frame_pixels, bool) or not isinstance(max_frame_pixels, int) or max_frame_pixels < 4:
+            raise ValueError(f"max_frame_pixels must be an int >= 4 (pixels), got {max_frame_pixels!r}")
         self.bundle = bundle
         self.engine = engine
         self.spec = bundle.preprocess_spec
         self.regions = bool(regions)
-        self._lock = threading.Lock()
+        self.map_resolution = map_resolution
+        self.max_frame_pixels = max_frame_pixels
+        self._lock = threading.Lock()  # slot 0: predict, and streams on a single-slot engine
+        self._stream_lease = threading.Lock()  # slots 1..N: one stream at a time
         self._warned = False
-        t = bundle.thresholds
-        self.image_threshold = t.image_threshold if t is not None else None
-        self.pixel_threshold = t.pixel_threshold if t is not None else None
-        display = self.pixel_threshold if self.pixel_threshold is not None and self.pixel_threshold > 0 else None
-        self.display_threshold = display if display is not None else DEFAULT_DISPLAY_THRESHOLD
+        self.set_thresholds(bundle.thresholds)
         if self.regions and not cv2_available():
             require_cv2("label defect regions in Detector results (or load with regions=False)")
 
     @classmethod
     def load(cls, bundle: Bundle | str | os.PathLike, device: str = "auto", *, regions: bool = True,
-             verify: bool = True, slots: int = DEFAULT_SLOTS) -> "Detector":
+             verify: bool = True, slots: int = DEFAULT_SLOTS, map_resolution: str = "frame",
+             max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> "Detector":
         """Load a bundle (directory, ``.tar`` or :class:`Bundle`) on its engine.
 
         Args:
@@ -113,17 +145,28 @@ class Detector:
             verify: check the bundle's checksums when loading from a path.
             slots: engine request slots: slot 0 serves :meth:`predict`, the others a stream's
                 in-flight frames (3 = double-buffered streaming).
+            map_resolution: ``"frame"`` (default): ``Result`` maps at the frame's (ROI's)
+                resolution; ``"model"``: at the model's input resolution only (no full-size maps:
+                for integrators who need the verdict and regions; region boxes stay in frame pixels).
+            max_frame_pixels: largest frame (or ROI) accepted, H * W pixels (default
+                :data:`DEFAULT_MAX_FRAME_PIXELS` = 8192 x 8192); larger ones raise ValueError.
 
         Raises:
             ImportError: the engine's package (onnxruntime / openvino / tensorrt + CUDA bindings) is
                 not installed.
             NotImplementedError: the bundle names an engine this runtime has none for.
+            BundleError: the engine's real inputs / outputs (names, shapes, dtypes) differ from the
+                manifest's (:func:`~edge_ad.runtime.engine_io.check_engine_io`).
         """
+        from .engine_io import check_engine_io
+
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle, verify=verify)
         if not isinstance(device, str) or not device:
             raise ValueError(f"device must be a non-empty string ('auto', 'CPU', ...), got {device!r}")
-        return cls(bundle, create_engine(bundle, device, slots=slots), regions=regions)
+        engine = create_engine(bundle, device, slots=slots)
+        check_engine_io(bundle, engine)
+        return cls(bundle, engine, regions=regions, map_resolution=map_resolution, max_frame_pixels=max_frame_pixels)
 
     def __repr__(self) -> str:
         m = self.bundle.manifest
@@ -199,6 +242,8 @@ class Detector:
 
         Returns:
             A :class:`~edge_ad.runtime.stream.Stream` (iterable, context manager, ``stats``, ``close()``).
+            One stream of a detector runs at a time (a second one raises RuntimeError when it
+            starts); a failed, closed or dropped stream gives its engine slots back.
         """
         from .stream import Stream
 
@@ -210,28 +255,156 @@ class Detector:
     def _predict(self, frames: list, color_order: str, rois: list, single: bool) -> list[Result]:
         if color_order not in COLOR_ORDERS:
             raise ValueError(f"color_order must be one of {COLOR_ORDERS}, got {color_order!r}")
-        views = [self._prepare(frame, roi, color_order, "frame" if single else f"frames[{i}]")
-                 for i, (frame, roi) in enumerate(zip(frames, rois))]
-        self._warn_uncalibrated()
+        where = ["frame" if single else f"frames[{i}]" for i in range(len(frames))]
+        views = [self.check_frame(frame, roi=roi, color_order=color_order, where=w)
+                 for frame, roi, w in zip(frames, rois, where)]
+        self.warn_if_uncalibrated()
         maps, scores, t_pre, t_inf = self._infer(views, color_order)
         results = []
         for i, view in enumerate(views):
             t0 = time.perf_counter()
             roi = tuple(int(v) for v in rois[i]) if rois[i] is not None else None
-            results.append(self._postprocess(maps[i], float(scores[i]), view.shape[:2], roi))
+            results.append(self.make_result(maps[i], float(scores[i]), view.shape[:2], roi, where=where[i]))
             results[-1].timings = {"preprocess": t_pre, "infer": t_inf,
                                    "postprocess": (time.perf_counter() - t0) * 1e3}
         return results
 
-    @staticmethod
-    def _prepare(frame: np.ndarray, roi: Any, color_order: str, where: str) -> np.ndarray:
-        """Validate one frame and crop its ROI -> (h, w) or (h, w, 3) uint8 view; clear errors on bad input."""
+    # -- building blocks of predict, public for streams and calibration ---------------------------
+
+    def check_frame(self, frame: np.ndarray, *, roi: Any = None, color_order: str = "bgr",
+                    where: str = "frame") -> np.ndarray:
+        """Validate one frame and crop its ROI -> (h, w) or (h, w, 3) uint8 view (no copy).
+
+        Raises TypeError / ValueError naming ``where`` for a frame :meth:`predict` would refuse
+        (wrong dtype / shape, ROI outside it, fewer than 2x2 or more than ``max_frame_pixels`` pixels).
+        """
         view = _apply_roi(_check_frame(frame, color_order, where), roi, where)
+        what = f"the roi {tuple(roi)} of {where}" if roi is not None else where
         if view.shape[0] < _MIN_SIDE or view.shape[1] < _MIN_SIDE:
-            what = f"the roi {tuple(roi)} of {where}" if roi is not None else where
             raise ValueError(f"{what} is {view.shape[1]}x{view.shape[0]} (WxH) pixels; the detector needs at "
                              f"least {_MIN_SIDE}x{_MIN_SIDE} (check the camera / decoder output and the roi)")
+        if view.shape[0] * view.shape[1] > self.max_frame_pixels:
+            raise ValueError(f"{what} is {view.shape[1]}x{view.shape[0]} (WxH) = {view.shape[0] * view.shape[1]} "
+                             f"pixels, above this detector's max_frame_pixels={self.max_frame_pixels}; crop it with "
+                             "roi=, downscale it, or load with Detector.load(..., max_frame_pixels=N) (and "
+                             "map_resolution='model' to keep the maps small)")
         return view
+
+    def start_slot(self, slot: int, views: list[np.ndarray], color_order: str) -> None:
+        """Preprocess checked ``views`` into engine ``slot`` and start its inference (returns at once).
+
+        Slot 0 is :meth:`predict`'s: starting it takes the detector's lock, which
+        :meth:`finish_slot` / :meth:`abandon_slot` release (possibly from another thread).
+        """
+        if slot == 0:
+            self._lock.acquire()
+        try:
+            self._preprocess_into(slot, views, color_order)
+            self.engine.start(slot, len(views))
+        except BaseException:
+            if slot == 0:
+                self._lock.release()
+            raise
+
+    def finish_slot(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """Wait for a started slot -> ``(maps (n, h, w), scores (n,))`` float32; frees the slot even on error."""
+        try:
+            return self.engine.wait(slot)
+        finally:
+            if slot == 0:
+                self._lock.release()
+
+    def abandon_slot(self, slot: int) -> None:
+        """Wait for a started slot and drop its outputs, ignoring its error (shutdown after a fault)."""
+        try:
+            self.finish_slot(slot)
+        except Exception:  # noqa: BLE001 - the stream already reported the fault that got us here
+            pass
+
+    def reserve_stream_slots(self) -> list[int]:
+        """The engine slots a stream may use (slot 0 is shared with predict when it is the only one).
+
+        With several slots, one stream at a time owns slots 1..N until :meth:`release_stream_slots`.
+
+        Raises:
+            RuntimeError: another stream of this detector is still running.
+        """
+        if self.engine.num_slots == 1:
+            return [0]
+        if not self._stream_lease.acquire(blocking=False):
+            raise RuntimeError("another stream of this detector is still running: close it (or leave its with "
+                               "block) first, or load a second Detector for a parallel stream")
+        return list(range(1, self.engine.num_slots))
+
+    def release_stream_slots(self) -> None:
+        """Give back what :meth:`reserve_stream_slots` took (after every started slot was finished)."""
+        if self.engine.num_slots > 1 and self._stream_lease.locked():
+            self._stream_lease.release()
+
+    def make_result(self, model_map: np.ndarray, score: float, size: tuple[int, int],
+                    roi: tuple[int, int, int, int] | None = None, *, where: str = "frame") -> Result:
+        """Engine outputs of one frame -> :class:`Result` (map resize, thresholds, mask, regions).
+
+        Args:
+            model_map: (h, w) float32 map at the model's resolution.
+            score: the image score.
+            size: (H, W) of the frame (or its ROI), the resolution of the returned maps with
+                ``map_resolution="frame"``.
+            roi: the crop the frame was taken from (region boxes are offset by it).
+            where: how error messages name the frame.
+
+        Raises:
+            NonFiniteOutputError: the score or a map value is NaN / inf.
+        """
+        if not np.isfinite(score) or not np.isfinite(model_map).all():
+            bad = int(np.count_nonzero(~np.isfinite(model_map)))
+            raise NonFiniteOutputError(
+                f"bundle {self.bundle.source}: the engine returned a non-finite result for {where} (score {score}, "
+                f"{bad} of {model_map.size} map values NaN/inf); there is no verdict for this frame. A faulty "
+                "engine / device / precision (try the FP32 bundle or another device) or a corrupt model")
+        model_res = self.map_resolution == "model"
+        raw = model_map.copy() if model_res else resize_map(model_map, size[0], size[1])
+        display = np.clip(raw * np.float32(1.0 / (2.0 * self.display_threshold)), 0.0, 1.0).astype(np.float32)
+        is_anomalous = bool(score > self.image_threshold) if self.image_threshold is not None else None
+        mask = raw > np.float32(self.pixel_threshold) if self.pixel_threshold is not None else None
+        if not self.regions:
+            regions = None
+        elif mask is None:
+            regions = []
+        else:
+            regions = _regions(mask, raw, (roi[0], roi[1]) if roi is not None else (0, 0),
+                               tuple(size) if model_res else None)
+        return Result(anomaly_map=display, raw_map=raw, model_map=model_map, score=score, is_anomalous=is_anomalous,
+                      defect_mask=mask, regions=regions, roi=roi)
+
+    def set_thresholds(self, thresholds: Any) -> None:
+        """Use ``thresholds`` (a bundle ``Thresholds`` or None) from the next frame on: verdict and display mapping.
+
+        Each attribute assignment is atomic; a frame being postprocessed by another thread at that
+        instant may see the old image threshold with the new pixel threshold.
+        """
+        image = thresholds.image_threshold if thresholds is not None else None
+        pixel = thresholds.pixel_threshold if thresholds is not None else None
+        self.display_threshold = pixel if pixel is not None and pixel > 0 else DEFAULT_DISPLAY_THRESHOLD
+        self.pixel_threshold = pixel
+        self.image_threshold = image
+        self._warned = False  # warn again if the new thresholds are still incomplete
+
+    def warn_if_uncalibrated(self) -> None:
+        """Warn once (UserWarning) when the bundle lacks an image or pixel threshold."""
+        if self._warned or (self.image_threshold is not None and self.pixel_threshold is not None):
+            return
+        self._warned = True
+        missing = [n for n, v in (("image_threshold", self.image_threshold), ("pixel_threshold", self.pixel_threshold))
+                   if v is None]
+        warnings.warn(
+            f"bundle {self.bundle.source} has no {' / '.join(missing)}: Result.is_anomalous / defect_mask are None "
+            "until the bundle is calibrated. Run calibration on good images (edge-ad convert with --calib / "
+            "validation data, or edge_ad.calibration, then edge_ad.runtime.update_manifest(bundle, {'thresholds': ...}))",
+            UserWarning, stacklevel=4,
+        )
+
+    # -- internals ------------------------------------------------------------------------------
 
     def _infer(self, views: list[np.ndarray], color_order: str) -> tuple[np.ndarray, np.ndarray, float, float]:
         """Preprocess into the engine buffer and infer, chunk by chunk, under the lock."""
@@ -267,33 +440,6 @@ class Detector:
         buf = self.engine.slot_buffer(slot, len(views))
         preprocess_batch(views, self.spec, color_order=color_order, out=buf[: len(views)])
 
-    def _postprocess(self, model_map: np.ndarray, score: float, size: tuple[int, int],
-                     roi: tuple[int, int, int, int] | None) -> Result:
-        raw = resize_map(model_map, size[0], size[1])
-        display = np.clip(raw * np.float32(1.0 / (2.0 * self.display_threshold)), 0.0, 1.0).astype(np.float32)
-        is_anomalous = bool(score > self.image_threshold) if self.image_threshold is not None else None
-        mask = raw > np.float32(self.pixel_threshold) if self.pixel_threshold is not None else None
-        if not self.regions:
-            regions = None
-        elif mask is None:
-            regions = []
-        else:
-            regions = _regions(mask, raw, (roi[0], roi[1]) if roi is not None else (0, 0))
-        return Result(anomaly_map=display, raw_map=raw, model_map=model_map, score=score, is_anomalous=is_anomalous,
-                      defect_mask=mask, regions=regions, roi=roi)
-
-    def _warn_uncalibrated(self) -> None:
-        if self._warned or (self.image_threshold is not None and self.pixel_threshold is not None):
-            return
-        self._warned = True
-        missing = [n for n, v in (("image_threshold", self.image_threshold), ("pixel_threshold", self.pixel_threshold))
-                   if v is None]
-        warnings.warn(
-            f"bundle {self.bundle.source} has no {' / '.join(missing)}: Result.is_anomalous / defect_mask are None "
-            "until the bundle is calibrated. Run calibration on good images (edge-ad convert with --calib / "
-            "validation data, or edge_ad.calibration, then edge_ad.runtime.update_manifest(bundle, {'thresholds': ...}))",
-            UserWarning, stacklevel=4,
-        )
 
     def calibrate(self, good_frames: Any, target_fpr: float = 0.01, **kwargs: Any) -> Any:
         """Refit the thresholds on this site's good frames, save them to the bundle and use them now.

@@ -149,11 +149,11 @@ def _apply_roi(frame: np.ndarray, roi: Sequence[int] | None, where: str = "frame
     except TypeError:
         values = ()
     if len(values) != 4 or not all(_is_int(v) for v in values):
-        raise TypeError(f"roi must be a tuple of four ints (x, y, w, h) in pixels, got {roi!r}")
+        raise TypeError(f"the roi of {where} must be a tuple of four ints (x, y, w, h) in pixels, got {roi!r}")
     x, y, w, h = (int(v) for v in values)
     fh, fw = frame.shape[:2]
     if w <= 0 or h <= 0:
-        raise ValueError(f"roi width and height must be positive, got (x, y, w, h) = {values}")
+        raise ValueError(f"the roi of {where}: width and height must be positive, got (x, y, w, h) = {values}")
     if x < 0 or y < 0 or x + w > fw or y + h > fh:
         raise ValueError(
             f"roi (x, y, w, h) = {values} lies outside the {fw}x{fh} (WxH) {where}; it must satisfy "

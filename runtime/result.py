@@ -30,7 +30,9 @@ class Result:
     """Detector output for one frame.
 
     Attributes:
-        anomaly_map: (H, W) float32 in [0, 1] for display, at the ROI's (or frame's) resolution:
+        anomaly_map: (H, W) float32 in [0, 1] for display, at the ROI's (or frame's) resolution
+            (the model's (h, w) when the detector was loaded with ``map_resolution="model"``, as are
+            ``raw_map`` and ``defect_mask``; the verdict and region boxes do not change units):
             ``clip(raw_map / (2 * pixel_threshold), 0, 1)``, so the pixel threshold maps to 0.5 and
             normal pixels (raw ~0 after the model's built-in normalisation) to ~0. Without a
             calibrated ``pixel_threshold`` (or one <= 0), 3.0 stands in for it.

@@ -3,8 +3,8 @@
 A source delivers uint8 frames, one :meth:`FrameSource.read` at a time:
 
 * a frame (numpy array as the device delivers it; OpenCV sources give BGR (H, W, 3));
-* a :class:`Skip` for an item that exists but cannot be used (a corrupt image file): the stream
-  counts and reports it and goes on;
+* a :class:`Skip` for an item that exists but cannot be used (a corrupt image file, a None from
+  an iterable): the stream counts and reports it and goes on;
 * ``None`` when the source has ended (end of file / folder / iterable);
 * or it raises :class:`SourceError` when the source is lost (camera unplugged, network down,
   folder deleted): the stream may then :meth:`~FrameSource.close` and :meth:`~FrameSource.open`
@@ -318,11 +318,13 @@ class IterableSource(FrameSource):
         if self._it is None:
             raise SourceError(f"{self.name} is not open")
         try:
-            return next(self._it)
+            item = next(self._it)
         except StopIteration:
             return None
         except Exception as exc:
             raise SourceError(f"{self.name} raised {type(exc).__name__}: {exc}") from exc
+        # None means "ended" to the stream: a None item (a grabber's missed frame) is a skip instead.
+        return Skip("none_item", "the iterable yielded None instead of a frame") if item is None else item
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,7 +42,20 @@ raises :class:`StreamError` naming the source and the last error.
 Shutdown: ``close()``, leaving a ``with`` block, closing / breaking out of the iteration, or
 Ctrl-C in the consumer stop the threads and join them; in-flight engine requests are waited for.
 A source blocked inside its own ``read`` (a driver that never returns) cannot be interrupted from
-Python: ``close()`` then gives up on that thread after ``join_timeout`` seconds and says so.
+Python: ``close()`` then gives up on that thread after ``join_timeout`` seconds and says so. A
+stream dropped without ``close()`` is closed when it is garbage-collected: its threads hold the
+pipeline (:class:`_Pipeline`), never the :class:`Stream` object, so dropping the last reference
+stops them.
+
+Faults: when a stage fails (an engine or postprocessing exception: a driver error, a
+MemoryError), the stream ends with :class:`StreamError` and its shutdown waits for every engine
+request still in flight (ignoring their errors) and releases the detector's slots and lock, so
+the next ``det.stream()`` works. A non-finite model output (NaN / inf score or map) is not a
+verdict: it is counted as a skip (``skipped["non_finite_output"]``) and the stream goes on.
+
+The stream uses :class:`~edge_ad.runtime.Detector` through its public building blocks
+(``check_frame``, ``reserve_stream_slots``, ``start_slot``, ``finish_slot``, ``abandon_slot``,
+``make_result``), the same ones ``predict`` is made of.
 
 Torch-free.
 """
@@ -52,12 +65,15 @@ import collections
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .detector import NonFiniteOutputError
 from .preprocessing import COLOR_ORDERS
 from .result import Result
 from .sources import FrameSource, Skip, SourceError, open_source
@@ -132,7 +148,9 @@ class StreamStats:
         processed: frames inferred.
         delivered: results handed to the consumer.
         dropped: reason -> frames dropped (``stale_frame``, ``slow_consumer``, ``shutdown``).
-        skipped: reason -> items skipped (``bad_frame``, ``unreadable_file``, ...).
+        skipped: reason -> items skipped (``bad_frame``, ``unreadable_file``, ``none_item``,
+            ``non_finite_output``; ``engine_error`` / ``postprocess_error`` for the frame a failed stage
+            was on).
         skips: the first :data:`MAX_SKIP_RECORDS` skips: ``{"frame_index", "reason", "detail"}``.
         reconnects: successful reconnections.
         queues: ``{"frames" | "results" | "slots": {"bound": int, "max_depth": int}}``: the deepest
@@ -164,6 +182,17 @@ class StreamStats:
     @property
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
+
+    def no_result_reason(self) -> str:
+        """Why a stream delivered nothing, for people: the skip reasons with the first skip's detail."""
+        if self.captured == 0:
+            return f"source {self.source} delivered no frames" + (f" ({self.error})" if self.error else "")
+        if self.skipped_total == self.captured:
+            counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+            first = f"; first: {self.skips[0]['detail']}" if self.skips else ""
+            return f"every one of the {self.captured} frames read from {self.source} was skipped ({counts}){first}"
+        return (f"no result from the {self.captured} frames read from {self.source} (dropped {self.dropped}, skipped "
+                f"{self.skipped})" + (f": {self.error}" if self.error else ""))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -247,15 +276,14 @@ class _Frame:
     slot: int = -1
     preprocess_ms: float = 0.0
     t_start: float = 0.0
-    uses_lock: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class Stream:
-    """A running (or ready) stream of :class:`Result` s; build it with :meth:`Detector.stream`.
+class _Pipeline:
+    """The threads, queues and counters of one :class:`Stream` (which only wraps it).
 
-    Iterate it once. Threads start at the first iteration (or ``with``); a source that cannot be
-    opened raises :class:`~edge_ad.runtime.sources.SourceError` right there.
+    The threads reference this object, never the :class:`Stream`, so a dropped stream can be
+    garbage-collected and its finaliser can close the pipeline.
     """
 
     def __init__(self, detector: "Detector", source: Any, *, lossless: bool | None = None, queue_size: int = 2,
@@ -290,15 +318,14 @@ class Stream:
         self.max_frames = max_frames
         self.join_timeout = float(join_timeout)
 
-        engine = detector.engine
-        # Slot 0 belongs to Detector.predict (under its lock); a stream uses the others. An engine
-        # with a single slot is shared with predict through the detector's lock.
-        self._slots = list(range(1, engine.num_slots)) if engine.num_slots > 1 else [0]
+        # Slot 0 belongs to Detector.predict (under its lock); a stream uses the others (reserved
+        # at start). An engine with a single slot is shared with predict through the detector's lock.
+        num_slots = max(1, detector.engine.num_slots - 1)
         self._frames = BoundedQueue(queue_size)
-        self._inflight = BoundedQueue(len(self._slots))
-        self._free = BoundedQueue(len(self._slots))
-        for s in self._slots:
-            self._free.put(s, drop_oldest=False)
+        self._inflight = BoundedQueue(num_slots)
+        self._free = BoundedQueue(num_slots)
+        self._pending: dict[int, _Frame] = {}  # started, not finished engine slots (waited for at close)
+        self._reserved = False
         self._results = BoundedQueue(queue_size)
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards the counters below
@@ -310,7 +337,7 @@ class Stream:
         self.events: collections.deque[StreamEvent] = collections.deque(maxlen=MAX_EVENTS)
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
-        self._started = self._closed = self._iterated = False
+        self._started = self._closed = False
         self._t0 = self._t_end = 0.0
 
     # -- public ----------------------------------------------------------------------------------
@@ -332,7 +359,7 @@ class Stream:
                 reconnects=self._reconnects,
                 queues={"frames": {"bound": self._frames.maxsize, "max_depth": self._frames.max_depth},
                         "results": {"bound": self._results.maxsize, "max_depth": self._results.max_depth},
-                        "slots": {"bound": len(self._slots), "max_depth": self._max_inflight}},
+                        "slots": {"bound": self._free.maxsize, "max_depth": self._max_inflight}},
                 elapsed_s=elapsed, fps=self._delivered / elapsed if elapsed > 0 else 0.0,
                 error=str(self._error) if self._error is not None else None,
             )
@@ -343,8 +370,16 @@ class Stream:
             raise RuntimeError("this stream was closed; start a new one with detector.stream(...)")
         if self._started:
             return self
-        self.source.open()  # SourceError / ImportError reach the caller directly
-        self.detector._warn_uncalibrated()
+        slots = self.detector.reserve_stream_slots()  # RuntimeError while another stream runs
+        try:
+            self.source.open()  # SourceError / ImportError reach the caller directly
+        except BaseException:
+            self.detector.release_stream_slots()
+            raise
+        self._reserved = True
+        for s in slots:
+            self._free.put(s, drop_oldest=False)
+        self.detector.warn_if_uncalibrated()
         self._started = True
         self._t0 = time.monotonic()
         for name, target in (("capture", self._capture_loop), ("submit", self._submit_loop),
@@ -354,31 +389,17 @@ class Stream:
             t.start()
         return self
 
-    def __iter__(self) -> Iterator[Result]:
-        if self._iterated:
-            raise RuntimeError("a stream can be iterated once; start a new one with detector.stream(...)")
-        self._iterated = True
-        try:
-            self.start()
-        except BaseException:
-            self.close()  # releases what the failed open may hold
-            raise
-        return self._results_gen()
-
-    def _results_gen(self) -> Iterator[Result]:
-        try:
-            while True:
-                item = self._results.get()
-                if item is CLOSED:
-                    break
-                with self._lock:
-                    self._delivered += 1
-                yield item
+    def next_result(self) -> Result | None:
+        """The next result for the consumer (blocks); None once the stream has ended (then raises its error)."""
+        item = self._results.get()
+        if item is CLOSED:
             self._join()
             if self._error is not None:
                 raise StreamError(str(self._error)) from self._error
-        finally:  # normal end, break / generator close, consumer exception, Ctrl-C
-            self.close()
+            return None
+        with self._lock:
+            self._delivered += 1
+        return item
 
     def close(self) -> None:
         """Stop the threads, wait for in-flight inference, release the source. Idempotent."""
@@ -389,6 +410,12 @@ class Stream:
         if not self._started:
             self.source.close()
             return
+        try:
+            self._shutdown()
+        finally:
+            self.source.close()
+
+    def _shutdown(self) -> None:
         # Close before draining, so no stage can slip an item in between.
         self._frames.close()
         self._free.close()
@@ -403,18 +430,24 @@ class Stream:
         if left:
             with self._lock:
                 self._dropped["shutdown"] += len(left)
-        self.source.close()
+        self._reap()
 
-    def __enter__(self) -> "Stream":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        s = self.stats
-        return (f"Stream({self.source.name!r}, {self.mode}, captured={s.captured}, delivered={s.delivered}, "
-                f"dropped={s.dropped_total}, skipped={s.skipped_total})")
+    def _reap(self) -> None:
+        """Wait for the engine requests still in flight (errors ignored), then give the slots back."""
+        if any(t.is_alive() for t in self._threads if t.name != "edge_ad-stream-capture"):
+            # submit / collect stuck inside the engine: its slots cannot be handed on safely.
+            self._event("close_timeout", "an engine request did not finish; this detector's stream slots stay "
+                                         "reserved (load a new Detector)", logging.ERROR)
+            return
+        with self._lock:
+            pending, self._pending = dict(self._pending), {}
+            if pending:
+                self._dropped["shutdown"] += len(pending)
+        for slot in pending:
+            self.detector.abandon_slot(slot)
+        if self._reserved:
+            self._reserved = False
+            self.detector.release_stream_slots()
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -523,7 +556,8 @@ class Stream:
                     self._skip(i, item.reason, item.detail)
                     continue
                 try:
-                    view = self.detector._prepare(item, self.roi, self.color_order, f"frame {i}")
+                    view = self.detector.check_frame(item, roi=self.roi, color_order=self.color_order,
+                                                     where=f"frame {i}")
                 except (TypeError, ValueError) as exc:
                     self._skip(i, "bad_frame", str(exc))
                     continue
@@ -537,7 +571,7 @@ class Stream:
             self._frames.close()
 
     def _submit_loop(self) -> None:
-        det, engine = self.detector, self.detector.engine
+        det = self.detector
         try:
             while True:
                 slot = self._free.get()
@@ -546,19 +580,17 @@ class Stream:
                 item = self._frames.get()
                 if item is CLOSED:
                     break
-                uses_lock = slot == 0
-                if uses_lock:  # released by the collect thread after wait()
-                    det._lock.acquire()
+                t0 = time.perf_counter()
                 try:
-                    t0 = time.perf_counter()
-                    det._preprocess_into(slot, [item.view], self.color_order)
-                    t1 = time.perf_counter()
-                    engine.start(slot, 1)
-                except BaseException:
-                    if uses_lock:
-                        det._lock.release()
+                    det.start_slot(slot, [item.view], self.color_order)
+                except BaseException as exc:  # the stream ends; the frame is accounted for
+                    self._skip(item.index, "engine_error", f"{type(exc).__name__}: {exc}")
                     raise
-                item.slot, item.preprocess_ms, item.t_start, item.uses_lock = slot, (t1 - t0) * 1e3, t1, uses_lock
+                t1 = time.perf_counter()
+                item.slot, item.preprocess_ms, item.t_start = slot, (t1 - t0) * 1e3, t1
+                with self._lock:
+                    self._pending[slot] = item
+                # Refused only when the stream is failing / closing: close() then waits for the slot.
                 self._inflight.put(item, drop_oldest=False)
                 with self._lock:
                     self._max_inflight = max(self._max_inflight, self._inflight.max_depth)
@@ -566,7 +598,7 @@ class Stream:
             self._inflight.close()
 
     def _collect_loop(self) -> None:
-        det, engine = self.detector, self.detector.engine
+        det = self.detector
         drop = not self.lossless
         try:
             while True:
@@ -574,10 +606,13 @@ class Stream:
                 if item is CLOSED:
                     break
                 try:
-                    maps, scores = engine.wait(item.slot)
-                finally:
-                    if item.uses_lock:
-                        det._lock.release()
+                    maps, scores = det.finish_slot(item.slot)
+                except BaseException as exc:  # the stream ends; the frame is accounted for
+                    self._skip(item.index, "engine_error", f"{type(exc).__name__}: {exc}")
+                    raise
+                finally:  # finish_slot frees the slot even when the engine failed
+                    with self._lock:
+                        self._pending.pop(item.slot, None)
                     self._free.put(item.slot, drop_oldest=False)
                 t1 = time.perf_counter()
                 with self._lock:
@@ -586,7 +621,15 @@ class Stream:
                     with self._lock:
                         self._dropped["shutdown"] += 1
                     continue
-                res = det._postprocess(maps[0], float(scores[0]), item.view.shape[:2], self.roi)
+                try:
+                    res = det.make_result(maps[0], float(scores[0]), item.view.shape[:2], self.roi,
+                                          where=f"frame {item.index}")
+                except NonFiniteOutputError as exc:  # a fault, never a verdict: counted, and the stream goes on
+                    self._skip(item.index, "non_finite_output", str(exc))
+                    continue
+                except BaseException as exc:  # the stream ends; the frame is accounted for
+                    self._skip(item.index, "postprocess_error", f"{type(exc).__name__}: {exc}")
+                    raise
                 t2 = time.perf_counter()
                 res.frame_index, res.capture_time, res.capture_wall_time = item.index, item.t_mono, item.t_wall
                 res.source = self.source.name
@@ -602,6 +645,93 @@ class Stream:
                         self._dropped["shutdown"] += 1
         finally:
             self._results.close()
+
+
+class Stream:
+    """A running (or ready) stream of :class:`Result` s; build it with :meth:`Detector.stream`.
+
+    Iterate it once. Threads start at the first iteration (or ``with``); a source that cannot be
+    opened raises :class:`~edge_ad.runtime.sources.SourceError` right there. Arguments as
+    :meth:`Detector.stream` (plus ``join_timeout``: seconds ``close()`` waits for each thread).
+    Dropping a stream without closing it closes it (its threads end).
+    """
+
+    def __init__(self, detector: "Detector", source: Any, **options: Any) -> None:
+        self._pipeline = _Pipeline(detector, source, **options)
+        self._iterated = False
+        # The finaliser holds the pipeline, not the stream: it runs when the stream is dropped.
+        self._finalizer = weakref.finalize(self, self._pipeline.close)
+        self._finalizer.atexit = False  # at interpreter exit the daemon threads just stop
+
+    @property
+    def detector(self) -> "Detector":
+        return self._pipeline.detector
+
+    @property
+    def source(self) -> FrameSource:
+        """The :class:`~edge_ad.runtime.sources.FrameSource` being read."""
+        return self._pipeline.source
+
+    @property
+    def lossless(self) -> bool:
+        return self._pipeline.lossless
+
+    @property
+    def mode(self) -> str:
+        """``"lossless"`` or ``"line-speed"``."""
+        return self._pipeline.mode
+
+    @property
+    def stats(self) -> StreamStats:
+        """A consistent snapshot of the counters (safe to read from any thread, any time)."""
+        return self._pipeline.stats
+
+    @property
+    def events(self) -> collections.deque[StreamEvent]:
+        """The last :data:`MAX_EVENTS` :class:`StreamEvent` s."""
+        return self._pipeline.events
+
+    def start(self) -> "Stream":
+        """Open the source and start the threads (iteration and ``with`` do this for you).
+
+        Raises:
+            RuntimeError: the stream was closed, or another stream of this detector is running.
+        """
+        self._pipeline.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the threads, wait for in-flight inference, release the source and the engine slots. Idempotent."""
+        self._pipeline.close()
+
+    def __iter__(self) -> Iterator[Result]:
+        if self._iterated:
+            raise RuntimeError("a stream can be iterated once; start a new one with detector.stream(...)")
+        self._iterated = True
+        try:
+            self._pipeline.start()
+        except BaseException:
+            self._pipeline.close()  # releases what the failed open may hold
+            raise
+        return self._results_gen()
+
+    def _results_gen(self) -> Iterator[Result]:
+        try:
+            while (res := self._pipeline.next_result()) is not None:
+                yield res
+        finally:  # normal end, break / generator close, consumer exception, Ctrl-C
+            self._pipeline.close()
+
+    def __enter__(self) -> "Stream":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (f"Stream({self.source.name!r}, {self.mode}, captured={s.captured}, delivered={s.delivered}, "
+                f"dropped={s.dropped_total}, skipped={s.skipped_total})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -671,6 +801,10 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
             bar = tqdm(desc="edge-ad run", unit="frame", total=max_frames)
         except ImportError:
             bar = None
+    for what, path in (("--save video", save), ("--jsonl file", jsonl)):
+        folder = Path(path).parent if path else None
+        if folder is not None and not folder.is_dir():
+            raise FileNotFoundError(f"cannot write the {what} {path}: folder {folder} does not exist (create it first)")
     out = open(jsonl, "w", encoding="utf-8") if jsonl else None  # noqa: SIM115 - closed in finally
     writer = None
     writer_size = (0, 0)

@@ -450,3 +450,14 @@ def test_gpu_preprocessing_writes_the_device_input(bundle, stubs, frames, monkey
     eng.start(1, 1)
     eng.wait(1)
     assert [e for e in stubs.cuda.log if e[0] == "cudaMemcpyHostToDevice"]
+
+
+def test_manifest_that_does_not_describe_the_engine_is_refused_at_load(bundle, stubs):
+    """issue 12: the engine's real I/O (io_specs) is checked against the manifest, naming both."""
+    from edge_ad.runtime import BundleError, update_manifest
+
+    update_manifest(bundle, {"outputs": [{"name": "heatmap", "shape": [1, 1, 64, 64], "dtype": "float32"},
+                                         {"name": "score", "shape": [1], "dtype": "float32"}]})
+    with pytest.raises(BundleError, match=r"the tensorrt model has no output 'heatmap' \(it has .*'anomaly_map' "
+                                          r"\(1, 1, 64, 64\) float32.*the manifest says 'heatmap' \(1, 1, 64, 64\)"):
+        Detector.load(bundle)

@@ -16,14 +16,18 @@ def key_value(text: str) -> tuple[str, Any]:
 
 
 def image_size(text: str) -> int | tuple[int, int]:
-    """``N`` or ``HxW`` (pixels)."""
+    """``N`` or ``HxW`` (positive pixels)."""
     try:
         if "x" in text.lower():
             h, w = text.lower().split("x")
-            return int(h), int(w)
-        return int(text)
+            size: int | tuple[int, int] = (int(h), int(w))
+        else:
+            size = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"image size must be N or HxW, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"image size must be N or HxW in pixels (e.g. 480x640), got {text!r}") from None
+    if min(size if isinstance(size, tuple) else (size,)) < 1:
+        raise argparse.ArgumentTypeError(f"image size must be positive (e.g. 480x640), got {text!r}")
+    return size
 
 
 def int_list(text: str) -> list[int]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._parse import image_size
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory or .tar written by `edge-ad convert`")
@@ -17,15 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=200, help="measured engine calls and stream frames (200)")
     parser.add_argument("--json", default=None, help="also write the report to this JSON file")
     parser.add_argument("--device", default="auto", help="engine device (CPU, GPU, NPU, CUDA); default: the bundle's")
-    parser.add_argument("--frame-size", default="480x640", help="HxW of the synthetic frames (default 480x640)")
+    parser.add_argument("--frame-size", type=image_size, default=(480, 640),
+                        help="HxW of the synthetic frames (default 480x640)")
 
 
 def run(args: argparse.Namespace) -> int:
     from edge_ad.runtime.benchmark import benchmark, format_report
 
-    from ._parse import image_size
-
-    size = image_size(args.frame_size)
+    size = args.frame_size
     size = (size, size) if isinstance(size, int) else size
     source = int(args.source) if args.source is not None and args.source.isdigit() else args.source
     report = benchmark(args.bundle, source, warmup=args.warmup, iterations=args.iterations, device=args.device,

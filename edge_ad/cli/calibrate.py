@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixel-fpr", type=float, default=None,
                         help="pixel false-positive rate of the pixel threshold (default: the bundle's, else 0.01)")
     parser.add_argument("--max-frames", type=int, default=None,
-                        help="use at most N frames (needed for cameras and streams; default: all)")
+                        help="use at most N frames (required for cameras, RTSP and GStreamer sources; default: all)")
     parser.add_argument("--roi", type=roi, default=None, help="crop X,Y,W,H applied to every frame, as in production")
     parser.add_argument("--color-order", choices=("bgr", "rgb", "gray"), default="bgr",
                         help="channel order of the frames (default bgr: OpenCV sources)")

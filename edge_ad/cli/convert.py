@@ -26,10 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_ad.converters.convert import convert
+    from pathlib import Path
 
-    convert(args.run_dir, args.target, args.out, precision=args.precision, calib=args.calib,
-            calib_count=args.calib_count, synthetic_fraction=args.synthetic_fraction, val_data=args.val_data,
-            val_category=args.val_category, threshold_fpr=args.threshold_fpr,
-            max_map_error=args.max_map_error, tar=args.tar)
+    from edge_ad.converters.convert import convert
+    from edge_ad.logs import third_party_logs
+
+    # Beside the bundle, not in it: a bundle holds only its listed, hashed artifacts.
+    out = Path(args.out)
+    with third_party_logs(out.parent / f"{out.name}.convert.log") as log:
+        print(f"[convert] NNCF / OpenVINO messages below WARNING go to {log}")
+        convert(args.run_dir, args.target, args.out, precision=args.precision, calib=args.calib,
+                calib_count=args.calib_count, synthetic_fraction=args.synthetic_fraction, val_data=args.val_data,
+                val_category=args.val_category, threshold_fpr=args.threshold_fpr,
+                max_map_error=args.max_map_error, tar=args.tar)
     return 0

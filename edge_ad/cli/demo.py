@@ -21,9 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_ad.demo import demo
+    from pathlib import Path
 
-    demo(args.data, args.out, categories=args.categories, methods=tuple(args.methods), backbone=args.backbone,
-         image_size=args.image_size, shots=args.shots, steps=args.steps, seed=args.seed, device=args.device,
-         deploy=args.deploy, benchmark_iterations=args.benchmark_iterations)
+    from edge_ad.demo import demo
+    from edge_ad.logs import third_party_logs
+
+    with third_party_logs(Path(args.out) / "demo.log") as log:
+        print(f"[demo] NNCF / OpenVINO messages below WARNING go to {log}")
+        demo(args.data, args.out, categories=args.categories, methods=tuple(args.methods), backbone=args.backbone,
+             image_size=args.image_size, shots=args.shots, steps=args.steps, seed=args.seed, device=args.device,
+             deploy=args.deploy, benchmark_iterations=args.benchmark_iterations)
     return 0

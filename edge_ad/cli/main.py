@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 
@@ -46,9 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE_VALUE = re.compile(r"^-\d[\d.,]*$")
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--roi -1,0,10,10`` -> ``--roi=-1,0,10,10``: argparse takes a value starting with ``-`` for an option.
+
+    Only ``--long`` options without ``=`` followed by a number-like token (digits, ``.``, ``,``)
+    are joined; no verb has negative positional arguments.
+    """
+    out: list[str] = []
+    for token in argv:
+        prev = out[-1] if out else ""
+        if _NEGATIVE_VALUE.match(token) and prev.startswith("--") and "=" not in prev:
+            out[-1] = f"{prev}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     if args.verb is None:
         parser.print_help()
         return 0

@@ -44,4 +44,7 @@ def run(args: argparse.Namespace) -> int:
     d = stats.to_dict()
     print(json.dumps({k: d[k] for k in ("source", "mode", "captured", "delivered", "dropped", "skipped", "fps")}),
           file=sys.stderr)
+    if stats.delivered == 0:  # nothing was inspected: a wrong ROI / colour order must not look like success
+        print(f"edge-ad run: error: {stats.no_result_reason()}", file=sys.stderr)
+        return 1
     return 0

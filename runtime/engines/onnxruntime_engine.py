@@ -90,6 +90,15 @@ class OnnxRuntimeEngine(SlotEngine):
         self._async = hasattr(self.session, "run_async")
         self._slots = [_Slot(np.zeros((self.batch or 1, 3, *self._hw), self._dtype)) for _ in range(self.num_slots)]
 
+    def io_specs(self) -> tuple[list[Any], list[Any]]:
+        """The session's real (inputs, outputs) as :class:`~edge_ad.runtime.engine_io.TensorSpec` lists."""
+        from ..engine_io import TensorSpec, dtype_name
+
+        def spec(t: Any) -> TensorSpec:
+            return TensorSpec(t.name, tuple(d if isinstance(d, int) else None for d in t.shape), dtype_name(t.type))
+
+        return [spec(t) for t in self.session.get_inputs()], [spec(t) for t in self.session.get_outputs()]
+
     # -- asynchronous API ----------------------------------------------------------------------
 
     def slot_buffer(self, slot: int, n: int) -> np.ndarray:

@@ -6,7 +6,7 @@ inference.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,9 @@ class OpenVINOEngine(SlotEngine):
         self._map_idx, self._score_idx = _output_indices(bundle, names)
         self._dtype = np.float16 if self.compiled.inputs[0].get_element_type() == ov.Type.f16 else np.float32
         self._ov = ov
+        from ..engine_io import check_engine_io
+
+        check_engine_io(bundle, self)  # before buffers shaped from the manifest meet the model
         self.requests = [self.compiled.create_infer_request() for _ in range(self.num_slots)]
         self.request = self.requests[0]  # the synchronous API's request (kept for callers of the old attribute)
         self._buffers: list[np.ndarray] = [np.empty(0)] * self.num_slots
@@ -63,6 +66,18 @@ class OpenVINOEngine(SlotEngine):
         self._buffers[slot] = self.requests[slot].get_input_tensor().data  # a view of the tensor's memory
         self._sizes[slot] = n
 
+    def io_specs(self) -> tuple[list[Any], list[Any]]:
+        """The compiled model's real (inputs, outputs) as :class:`~edge_ad.runtime.engine_io.TensorSpec` lists."""
+        from ..engine_io import TensorSpec, dtype_name
+
+        def spec(port: Any, i: int) -> TensorSpec:
+            shape = port.get_partial_shape()
+            dims = tuple(int(d.get_length()) if d.is_static else None for d in shape)
+            return TensorSpec(next(iter(port.get_names()), str(i)), dims, dtype_name(port.get_element_type().to_dtype()))
+
+        return ([spec(p, i) for i, p in enumerate(self.compiled.inputs)],
+                [spec(p, i) for i, p in enumerate(self.compiled.outputs)])
+
     # -- asynchronous API ----------------------------------------------------------------------
 
     def slot_buffer(self, slot: int, n: int) -> np.ndarray:
@@ -77,7 +92,11 @@ class OpenVINOEngine(SlotEngine):
         if self._busy[slot]:
             raise RuntimeError(f"slot {slot} is still in flight: call wait({slot}) before starting it again")
         self._n[slot], self._busy[slot] = n, True
-        self.requests[slot].start_async()
+        try:
+            self.requests[slot].start_async()
+        except BaseException:
+            self._busy[slot] = False  # nothing is in flight: the slot must stay usable
+            raise
 
     def wait(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         slot = check_slot(slot, self.num_slots)

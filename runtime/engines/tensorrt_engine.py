@@ -224,6 +224,19 @@ class TensorRTEngine(SlotEngine):
         self.output_names = names
         return inputs, outputs
 
+    def io_specs(self) -> tuple[list[Any], list[Any]]:
+        """The engine's real (inputs, outputs) as :class:`~edge_ad.runtime.engine_io.TensorSpec` lists."""
+        from ..engine_io import TensorSpec, dtype_name
+
+        trt, eng = self._trt, self._engine
+        inputs, outputs = [], []
+        for i in range(eng.num_io_tensors):
+            name = eng.get_tensor_name(i)
+            dims = tuple(int(d) if int(d) >= 0 else None for d in eng.get_tensor_shape(name))
+            spec = TensorSpec(name, dims, dtype_name(trt.nptype(eng.get_tensor_dtype(name))))
+            (inputs if eng.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(spec)
+        return inputs, outputs
+
     # ------------------------------------------------------------------------------------ async API
     def _slot(self, slot: int) -> _Slot:
         return self._slots[check_slot(slot, len(self._slots))]
