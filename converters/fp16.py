@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Fp16Conversion", "FP16_CONVERTER_MISSING", "convert_fp16", "island_dtypes", "onnx_layers"]
+__all__ = ["Fp16Conversion", "FP16_CONVERTER_MISSING", "convert_fp16", "fp16_fidelity", "island_dtypes", "onnx_layers"]
 
 FP16_CONVERTER_MISSING = (
     "building an FP16 engine on TensorRT >= 11 (strongly typed networks) converts the ONNX to FP16 first, which "
@@ -179,3 +179,39 @@ def island_dtypes(model: Any, nodes: Mapping[str, str] | Sequence[str]) -> dict[
         if node.name in wanted:
             out[node.name] = {types[t] for t in (*node.input, *node.output) if t in types and types[t] in (1, 10)}
     return out
+
+
+def fp16_fidelity(
+    fp32_onnx: str | Path,
+    data: Any,
+    spec: Any,
+    out_dir: str | Path,
+    *,
+    presets: Sequence[str] = ("default", "no-softmax", "none"),
+) -> list[tuple[str, Fp16Conversion, Any]]:
+    """Convert ``fp32_onnx`` with each preset and compare FP16 with FP32 in onnxruntime (CPU).
+
+    What an FP16 engine on TensorRT >= 11 is built from, checked the way INT8 conversions are
+    (:func:`edge_ad.converters.fidelity.fidelity_report`, reference = the FP32 ONNX). It checks
+    the ONNX conversion, not TensorRT's FP16 kernels.
+
+    Args:
+        fp32_onnx: the bundle's FP32 ONNX.
+        data: validation set (e.g. ``MVTecDataset(root, category, "test")``).
+        spec: the bundle's :class:`~edge_ad.runtime.PreprocessSpec`.
+        out_dir: where the FP16 ONNX files are written (``fp16_<preset>.onnx``).
+        presets: FP32-island presets to compare.
+
+    Returns:
+        ``[(preset, Fp16Conversion, FidelityReport)]``.
+    """
+    from .fidelity import fidelity_report, onnxruntime_runner
+
+    reference = onnxruntime_runner(fp32_onnx)
+    results = []
+    for preset in presets:
+        conv = convert_fp16(fp32_onnx, Path(out_dir) / f"fp16_{preset}.onnx", fp32_layers=preset)
+        report = fidelity_report(reference, onnxruntime_runner(conv.path), data, spec=spec,
+                                 reference_name="onnx-fp32", format="onnx", precision=f"fp16/{preset}")
+        results.append((preset, conv, report))
+    return results

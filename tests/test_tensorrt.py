@@ -603,3 +603,26 @@ def test_real_foundad_qdq_graph_on_the_stub(monkeypatch, tmp_path, foundad_qdq, 
     assert not any(n in chosen for n in result.quantized_nodes)
     assert not any(n.name in chosen for n in by_type["QuantizeLinear"] + by_type["DequantizeLinear"])
     assert all(n.name in chosen for n in by_type["TopK"] + [m for m in model.graph.node if m.name == "/Sub"])
+
+
+def test_real_foundad_fp16_onnx_keeps_vit_islands(foundad_qdq, tmp_path):
+    """TensorRT 11 FP16 path on the real FoundAD (ViT) export: LayerNorm, Softmax and the residual
+    adds stay FP32 in the converted ONNX; the GEMMs are FP16; 'no-softmax' frees the Softmax."""
+    from edge_ad.converters.fp16 import convert_fp16, island_dtypes, onnx_layers
+
+    fp32 = foundad_qdq.onnx_path.parent / "det.onnx"
+    conv = convert_fp16(fp32, tmp_path / "det16.onnx")
+    model = onnx.load(str(conv.path))
+    types = island_dtypes(model, [n.name for n in model.graph.node])
+    by_type: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        by_type.setdefault(n.op_type, []).append(n.name)
+    for op in ("LayerNormalization", "Softmax"):
+        assert by_type[op] and all(types[n] == {TensorProto.FLOAT} for n in by_type[op]), op
+    residual = [d.name for d in onnx_layers(onnx.load(str(fp32))) if d.type == "ELEMENTWISE" and d.op == "SUM"
+                and d.constant_inputs == 0 and d.float_io]
+    assert len(residual) >= 5 and all(types[n] == {TensorProto.FLOAT} for n in residual)
+    assert sum(types[n] == {TensorProto.FLOAT16} for n in by_type["MatMul"]) >= len(by_type["MatMul"]) - 2
+    free = island_dtypes(onnx.load(str(convert_fp16(fp32, tmp_path / "ns.onnx", fp32_layers="no-softmax").path)),
+                         by_type["Softmax"])
+    assert all(t == {TensorProto.FLOAT16} for t in free.values())
