@@ -76,8 +76,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TENSORRT_MISSING = (
-    "TensorRT is not installed: on Jetson it comes with JetPack (python3-libnvinfer); on x86 "
-    "`pip install tensorrt`; build engines on the device with `edge-ad build-engine BUNDLE`"
+    "TensorRT is not installed: on Jetson it comes with JetPack (`sudo apt install python3-libnvinfer`, never pip); "
+    "on x86 `pip install edge-ad[tensorrt]` (TensorRT 10 for CUDA 12); build engines on the device with "
+    "`edge-ad build-engine BUNDLE` (docs/JETSON.md)"
 )
 
 #: Engine precisions: ``fp32``; ``fp16`` (with FP32 islands); ``int8`` (Q/DQ ONNX only, the rest FP16).

@@ -59,7 +59,7 @@ def test_module_imports_and_calls_explain_what_is_missing(monkeypatch, tmp_path)
         with pytest.raises(ImportError) as info:
             call()
         assert str(info.value) == TENSORRT_MISSING
-    assert "python3-libnvinfer" in TENSORRT_MISSING and "pip install tensorrt" in TENSORRT_MISSING
+    assert "python3-libnvinfer" in TENSORRT_MISSING and "pip install edge-ad[tensorrt]" in TENSORRT_MISSING
     assert "edge-ad build-engine BUNDLE" in TENSORRT_MISSING
     # A package named tensorrt without the API (the PyPI download stub) is "missing" as well.
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))

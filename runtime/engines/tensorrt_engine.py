@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 TENSORRT_RUNTIME_MISSING = (
     "this bundle runs on TensorRT, but the tensorrt package cannot be imported. Install it with "
-    "`pip install edge-ad[tensorrt]` (x86 with an NVIDIA GPU: TensorRT 10 + pycuda); on Jetson, TensorRT comes "
+    "`pip install edge-ad[tensorrt]` (x86 with an NVIDIA GPU: TensorRT 10 + cuda-python 12); on Jetson, TensorRT comes "
     "with JetPack (`sudo apt install python3-libnvinfer`; JetPack 6 = TensorRT 10.3, JetPack 7 = 10.13), never "
     "from pip there; see docs/JETSON.md"
 )
