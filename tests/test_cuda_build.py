@@ -152,3 +152,15 @@ def test_cmake_finds_nvcc_in_usr_local_cuda_without_path(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "/usr/local/cuda/bin/nvcc" in out and ("kernel enabled" in out or "no CUDA toolkit" in out), out
+
+
+def test_gpu_check_script_without_cuda_says_so():
+    """benchmarks/gpu_check.py is ready for a CUDA machine; here it checks its arguments and stops."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: run the script itself")
+    script = ROOT / "benchmarks" / "gpu_check.py"
+    proc = _run([sys.executable, str(script), "--no-build"])
+    assert proc.returncode == 2 and "no CUDA" in proc.stderr, proc.stderr
+    bad = _run([sys.executable, str(script), "--data", str(ROOT / "nowhere")])
+    assert bad.returncode == 2 and "pass --data ROOT" in bad.stderr
