@@ -14,9 +14,9 @@ from edge_ad.runtime.bundle import ARTIFACT_ONNX, load_bundle
 from .tensorrt import (
     BuildOptions,
     DeviceInfo,
-    device_info,
-    engine_key,
     build_engine,
+    device_engine_key,
+    device_info,
     engine_filename,
     find_cached_engine,
     write_engine_record,
@@ -29,12 +29,15 @@ log = logging.getLogger(__name__)
 
 def bundle_engine_options(
     bundle, *, workspace_mb: int = 1024, dla_core: int | None = None, timing_cache: str | Path | None = None,
+    fp32_layers: str | None = None,
 ) -> BuildOptions:
     """The :class:`BuildOptions` of a loaded TensorRT bundle: precision from the manifest, DLA only
-    where the bundle's target has DLA cores.
+    where the bundle's target has DLA cores, FP32-island preset ``fp32_layers`` (None = the
+    default for the GPU / DLA, see :class:`~edge_ad.converters.tensorrt.BuildOptions`).
 
     Raises:
-        ValueError: the bundle is not a TensorRT bundle, or DLA was asked of a target without DLA.
+        ValueError: the bundle is not a TensorRT bundle, DLA was asked of a target without DLA or
+            for an INT8 (Q/DQ) bundle, or an unknown preset.
     """
     manifest = bundle.manifest
     target = bundle.target
@@ -50,7 +53,7 @@ def bundle_engine_options(
             "leave it out to build for the GPU"
         )
     return BuildOptions(precision=manifest.precision, workspace_mb=workspace_mb, dla_core=dla_core,
-                        timing_cache=timing_cache)
+                        timing_cache=timing_cache, fp32_layers=fp32_layers)
 
 
 def build_bundle_engine(
@@ -61,12 +64,13 @@ def build_bundle_engine(
     timing_cache: str | Path | None = None,
     force: bool = False,
     device: DeviceInfo | None = None,
+    fp32_layers: str | None = None,
 ) -> Path:
     """The TensorRT engine of a bundle, built on this device unless a matching one is cached.
 
     Loads and verifies the bundle (seal and artifact checksums), refuses non-TensorRT bundles,
     takes the precision from the manifest, and keys the engine on the ONNX bytes, TensorRT version,
-    compute capability, precision, DLA core and build options
+    compute capability, device name and SM count, precision, DLA core and build options
     (:func:`edge_ad.converters.tensorrt.engine_cache_key`). A cached ``engines/<key>.engine`` is
     reused only when its record matches that key and its checksum
     (:func:`~edge_ad.converters.tensorrt.find_cached_engine`); otherwise the engine is built and
@@ -80,6 +84,7 @@ def build_bundle_engine(
         timing_cache: tactic timing cache file to load / save (not part of the key).
         force: rebuild even when a matching engine is cached.
         device: override :func:`~edge_ad.converters.tensorrt.device_info` (tests, cross-checks).
+        fp32_layers: FP32-island preset (:data:`~edge_ad.converters.tensorrt.FP32_PRESETS`); part of the key.
 
     Returns:
         Path of the engine under the bundle's ``engines/`` directory.
@@ -90,22 +95,22 @@ def build_bundle_engine(
         FileNotFoundError: no bundle at ``bundle_path``.
     """
     return _build(bundle_path, workspace_mb=workspace_mb, dla_core=dla_core, timing_cache=timing_cache,
-                  force=force, device=device)[0]
+                  force=force, device=device, fp32_layers=fp32_layers)[0]
 
 
-def _build(bundle_path, *, workspace_mb, dla_core, timing_cache, force, device) -> tuple[Path, bool]:
+def _build(bundle_path, *, workspace_mb, dla_core, timing_cache, force, device, fp32_layers=None) -> tuple[Path, bool]:
     """:func:`build_bundle_engine`, also saying whether the engine was built (True) or reused."""
     path = Path(bundle_path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is not a bundle directory: extract the .tar first (engines are stored beside "
                          "the model in the bundle's engines/ folder)")
     bundle = load_bundle(path, verify=True)
-    options = bundle_engine_options(bundle, workspace_mb=workspace_mb, dla_core=dla_core, timing_cache=timing_cache)
+    options = bundle_engine_options(bundle, workspace_mb=workspace_mb, dla_core=dla_core, timing_cache=timing_cache,
+                                    fp32_layers=fp32_layers)
     onnx_path = bundle.path(ARTIFACT_ONNX)
     engines_dir = bundle.engines_dir
     device = device or device_info()  # ImportError (what to install) without TensorRT
-    key = engine_key(onnx_path, trt_version=device.trt_version, compute_capability=device.compute_capability,
-                     precision=options.precision, dla_core=options.dla_core, extra=options.key_fields())
+    key = device_engine_key(onnx_path, options, device)
     digest = key.digest()
     if not force:
         cached = find_cached_engine(engines_dir, digest)

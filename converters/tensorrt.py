@@ -3,25 +3,37 @@
 Importing this module never needs TensorRT; the functions that do raise :class:`ImportError`
 with :data:`TENSORRT_MISSING` (what to install, and that engines are built on the device).
 
-Written against the TensorRT 10 Python API (JetPack 6.1+ ships 10.3), also running on 8.6:
+Checked against the real Python API surfaces of TensorRT 10.3 (JetPack 6), the latest 10.x
+(10.16; JetPack 7 ships 10.13) and 11.4 (``scripts/trt_api_surface.py``, ``tests/data/``); the
+< 10 branch (8.6, JetPack 6.0) is kept but not checked against a surface:
 
-* explicit batch networks (the only kind in 10; the ``EXPLICIT_BATCH`` flag for < 10);
-* FP16: ``BuilderFlag.FP16`` plus FP32 *islands* - LayerNorm / normalisation, Softmax, residual
-  ``Add``\\ s and the detector's score head get ``layer.precision = float32`` and FP32 output types,
-  enforced with ``OBEY_PRECISION_CONSTRAINTS`` (FP16 LayerNorm variance and FP16 residual streams
-  are where ViTs lose accuracy; FoundAD's score ``|f - P(f)|^2`` subtracts two close numbers);
+* explicit batch networks (the only kind in 10; the ``EXPLICIT_BATCH`` flag for < 10; the flag
+  is gone in 11);
+* TensorRT 10 FP16: ``BuilderFlag.FP16`` plus FP32 *islands* - LayerNorm / normalisation,
+  Softmax, residual ``Add``\\ s and the detector's score head get ``layer.precision = float32``
+  and FP32 output types, enforced with ``OBEY_PRECISION_CONSTRAINTS`` (FP16 LayerNorm variance and
+  FP16 residual streams are where ViTs lose accuracy; FoundAD's score ``|f - P(f)|^2`` subtracts
+  two close numbers). Which islands is a preset (:data:`FP32_PRESETS`, ``--fp32-layers``): Softmax
+  in FP32 can keep TensorRT from its fused FP16 attention kernels, so ``no-softmax`` is offered
+  and measured, not assumed. Only layers whose inputs and outputs are all floating point are
+  constrained (shape arithmetic on INT32 / INT64 also matches the residual-add rule);
 * INT8 only by explicit quantization: a Q/DQ ONNX from :func:`edge_ad.converters.qdq.quantize_qdq`
   built with ``INT8`` + ``FP16`` (layers without Q/DQ run FP16, with the same FP32 islands). The
   implicit INT8 calibrator (``IInt8EntropyCalibrator2``) is deprecated in TensorRT 10 and removed
   in 11, so it is not offered;
 * TensorRT >= 11: networks are strongly typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``),
   the precision flags and per-layer precisions are gone, and tensor types come from the ONNX
-  itself. The builder then creates a strongly typed network and sets no precision flags; an FP16
-  engine needs an ONNX already converted to FP16 (with FP32 islands as casts in the graph).
+  itself. FP16 builds convert the FP32 ONNX first (:func:`edge_ad.converters.fp16.convert_fp16`:
+  FP16 graph, the same FP32 islands as casts); INT8 builds parse the Q/DQ ONNX as it is (the
+  layers outside Q/DQ then run in FP32);
+* Jetson DLA: FP16 only here. TensorRT 10's DLA does not take explicit quantization (Q/DQ), so
+  INT8 with a DLA core is refused, and no FP32 islands are forced on the DLA (each island splits
+  the graph, and a DLA core holds at most 16 loadables); ``GPU_FALLBACK`` runs what DLA cannot.
 
-Engines are specific to the TensorRT version and the GPU (compute capability) and, for Jetson's
-DLA, to the DLA core; :func:`engine_cache_key` hashes all of that with the ONNX bytes and the
-build options, and :func:`find_cached_engine` returns only an engine whose recorded key matches,
+Engines are specific to the TensorRT version and the GPU (compute capability, and the module:
+Orin Nano, NX and AGX all report 8.7, so the device name and SM count are in the key too) and,
+for Jetson's DLA, to the DLA core; :func:`engine_cache_key` hashes all of that with the ONNX
+bytes and the build options, and :func:`find_cached_engine` returns only an engine whose recorded key matches,
 so a stale or foreign engine is rebuilt, never loaded.
 """
 from __future__ import annotations
@@ -41,6 +53,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_FP32_PATTERNS",
+    "FP32_PRESETS",
     "PRECISIONS",
     "TENSORRT_MISSING",
     "BuildOptions",
@@ -51,6 +64,7 @@ __all__ = [
     "device_info",
     "engine_cache_key",
     "engine_filename",
+    "device_engine_key",
     "engine_key",
     "find_cached_engine",
     "get_or_build_engine",
@@ -62,15 +76,28 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TENSORRT_MISSING = (
-    "TensorRT is not installed: on Jetson it comes with JetPack (python3-libnvinfer); on x86 "
-    "`pip install tensorrt`; build engines on the device with `edge-ad build-engine BUNDLE`"
+    "TensorRT is not installed: on Jetson it comes with JetPack (`sudo apt install python3-libnvinfer`, never pip); "
+    "on x86 `pip install edge-ad[tensorrt]` (TensorRT 10 for CUDA 12); build engines on the device with "
+    "`edge-ad build-engine BUNDLE` (docs/JETSON.md)"
 )
 
 #: Engine precisions: ``fp32``; ``fp16`` (with FP32 islands); ``int8`` (Q/DQ ONNX only, the rest FP16).
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 
 #: Version of the cache-key layout; bump it when the key's meaning changes (old engines rebuild).
-KEY_SCHEMA = 1
+#: 2: device name and SM count joined the key.
+KEY_SCHEMA = 2
+
+#: FP32-island presets (``BuildOptions.fp32_layers``, ``edge-ad build-engine --fp32-layers``): which
+#: of :func:`select_fp32_layers`' rules apply. ``default`` keeps all four; ``no-softmax`` lets
+#: TensorRT use its fused FP16 attention (Softmax inside an FP32 island blocks it on ViTs);
+#: ``head`` keeps only the detector's score head; ``none`` constrains nothing (what DLA builds use).
+FP32_PRESETS: dict[str, frozenset[str]] = {
+    "default": frozenset({"normalisation", "softmax", "residual add", "score head"}),
+    "no-softmax": frozenset({"normalisation", "residual add", "score head"}),
+    "head": frozenset({"score head"}),
+    "none": frozenset(),
+}
 
 #: Layer-name patterns (``re.search``, case-insensitive) kept FP32, with the reason reported.
 #: TensorRT's ONNX parser names a layer after its ONNX node; ``torch.onnx.export`` names nodes
@@ -134,51 +161,35 @@ class DeviceInfo(NamedTuple):
     Attributes:
         trt_version: ``tensorrt.__version__``, e.g. ``"10.3.0"``.
         compute_capability: ``"major.minor"``, e.g. ``"8.7"`` (Jetson Orin), ``"8.9"`` (L4).
+        device_name: CUDA device name, e.g. ``"Orin"``, ``"NVIDIA L4"`` ("" = unknown).
+        sm_count: streaming multiprocessors (Orin Nano 8 GB: 8, NX 16 GB: 8, AGX 64 GB: 16; 0 = unknown).
     """
 
     trt_version: str
     compute_capability: str
-
-
-def _compute_capability(device: int = 0) -> str:
-    """``"major.minor"`` of CUDA device ``device`` via cuda-python, else pycuda."""
-    tried: list[str] = []
-    for module in ("cuda.bindings.runtime", "cuda.cudart"):  # cuda-python >= 12.6, older layout
-        try:
-            cudart = importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - not installed / not loadable: try the next one
-            tried.append(f"{module}: not importable")
-            continue
-        attrs = cudart.cudaDeviceAttr
-        err, major = cudart.cudaDeviceGetAttribute(attrs.cudaDevAttrComputeCapabilityMajor, device)
-        err2, minor = cudart.cudaDeviceGetAttribute(attrs.cudaDevAttrComputeCapabilityMinor, device)
-        ok = cudart.cudaError_t.cudaSuccess
-        if err == ok and err2 == ok:
-            return f"{int(major)}.{int(minor)}"
-        tried.append(f"{module}: {getattr(err, 'name', err)}")
-    try:
-        import pycuda.driver as cuda  # type: ignore[import-not-found]
-
-        cuda.init()
-        major, minor = cuda.Device(device).compute_capability()
-        return f"{int(major)}.{int(minor)}"
-    except Exception as exc:  # noqa: BLE001
-        tried.append(f"pycuda: {type(exc).__name__}: {exc}")
-    raise RuntimeError(
-        f"cannot read the CUDA compute capability of device {device} ({'; '.join(tried)}); "
-        "install cuda-python (`pip install cuda-python`) or pycuda, on a machine with an NVIDIA GPU"
-    )
+    device_name: str = ""
+    sm_count: int = 0
 
 
 def device_info(device: int = 0) -> DeviceInfo:
-    """TensorRT version and compute capability of CUDA device ``device``.
+    """TensorRT version, compute capability, name and SM count of CUDA device ``device``.
+
+    The device is queried through :func:`edge_ad.runtime.cuda.load_cuda` (cuda-python, else
+    pycuda: the first binding whose first CUDA call works).
 
     Raises:
-        ImportError: TensorRT is missing (:data:`TENSORRT_MISSING`).
-        RuntimeError: no CUDA device / neither cuda-python nor pycuda can query it.
+        ImportError: TensorRT, or both CUDA bindings, missing (the message says what to install).
+        RuntimeError: no CUDA device / no binding can use it (``CudaError`` names each attempt).
     """
+    from edge_ad.runtime.cuda import load_cuda
+
     trt = _import_tensorrt()
-    return DeviceInfo(str(trt.__version__), _compute_capability(device))
+    cuda = load_cuda(device)
+    try:
+        props = cuda.device_properties()
+    finally:
+        cuda.close()
+    return DeviceInfo(str(trt.__version__), props.compute_capability, props.name, props.sm_count)
 
 
 # ---------------------------------------------------------------------------- cache keys
@@ -223,6 +234,8 @@ class EngineKey:
         precision: one of :data:`PRECISIONS`.
         dla_core: Jetson DLA core, or None for the GPU.
         extra: canonical JSON of further build settings (see :meth:`BuildOptions.key_fields`).
+        device_name: CUDA device name (Orin Nano / NX / AGX share compute capability 8.7).
+        sm_count: streaming multiprocessors of the device.
         schema: :data:`KEY_SCHEMA`.
     """
 
@@ -232,6 +245,8 @@ class EngineKey:
     precision: str
     dla_core: int | None = None
     extra: str = "{}"
+    device_name: str = ""
+    sm_count: int = 0
     schema: int = KEY_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -250,6 +265,8 @@ def engine_key(
     precision: str,
     dla_core: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    device_name: str = "",
+    sm_count: int = 0,
 ) -> EngineKey:
     """The :class:`EngineKey` of an ONNX model (bytes or file) built with these settings."""
     if precision not in PRECISIONS:
@@ -258,6 +275,8 @@ def engine_key(
         raise ValueError("trt_version must be a non-empty version string")
     if dla_core is not None and (int(dla_core) != dla_core or dla_core < 0):
         raise ValueError(f"dla_core must be a non-negative int or None, got {dla_core!r}")
+    if isinstance(sm_count, bool) or int(sm_count) != sm_count or sm_count < 0:
+        raise ValueError(f"sm_count must be a non-negative int, got {sm_count!r}")
     return EngineKey(
         onnx_sha256=_sha256_of(onnx_bytes_or_path),
         trt_version=str(trt_version).strip(),
@@ -265,6 +284,17 @@ def engine_key(
         precision=precision,
         dla_core=None if dla_core is None else int(dla_core),
         extra=_canonical(dict(extra or {})),
+        device_name=str(device_name).strip(),
+        sm_count=int(sm_count),
+    )
+
+
+def device_engine_key(onnx_bytes_or_path: bytes | str | Path, options: "BuildOptions", device: DeviceInfo) -> EngineKey:
+    """The :class:`EngineKey` of an ONNX model built with ``options`` on ``device`` (every caller's key)."""
+    return engine_key(
+        onnx_bytes_or_path, trt_version=device.trt_version, compute_capability=device.compute_capability,
+        precision=options.precision, dla_core=options.dla_core, extra=options.key_fields(),
+        device_name=device.device_name, sm_count=device.sm_count,
     )
 
 
@@ -276,6 +306,8 @@ def engine_cache_key(
     precision: str,
     dla_core: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    device_name: str = "",
+    sm_count: int = 0,
 ) -> str:
     """Stable sha256 cache key (64 hex digits) of an engine; every argument changes it.
 
@@ -286,10 +318,12 @@ def engine_cache_key(
         precision: one of :data:`PRECISIONS`.
         dla_core: DLA core or None (GPU).
         extra: JSON-serialisable further settings (order of keys does not matter).
+        device_name: CUDA device name (``"Orin"``...; Jetson modules share a compute capability).
+        sm_count: streaming multiprocessors of the device.
     """
     return engine_key(
         onnx_bytes_or_path, trt_version=trt_version, compute_capability=compute_capability,
-        precision=precision, dla_core=dla_core, extra=extra,
+        precision=precision, dla_core=dla_core, extra=extra, device_name=device_name, sm_count=sm_count,
     ).digest()
 
 
@@ -362,13 +396,16 @@ class BuildOptions:
     """How to build an engine.
 
     Attributes:
-        precision: ``"fp32"``, ``"fp16"`` (FP32 islands) or ``"int8"`` (Q/DQ ONNX; other layers FP16).
+        precision: ``"fp32"``, ``"fp16"`` (FP32 islands) or ``"int8"`` (Q/DQ ONNX; other layers
+            FP16 on TensorRT 10, FP32 on 11).
         workspace_mb: builder scratch memory limit (MiB); tactics needing more are skipped.
         timing_cache: file to load tactic timings from and save them to (faster rebuilds);
             None = no persistent cache.
-        dla_core: Jetson DLA core to run on (FP16 / INT8 only); None = GPU.
-        gpu_fallback: with a DLA core, layers DLA cannot run go to the GPU (FP32 islands always do).
-        fp32_layers: keep the FP32 islands (see :func:`select_fp32_layers`) in FP16 / INT8 builds.
+        dla_core: Jetson DLA core to run on (FP16 only: TensorRT's DLA takes no Q/DQ); None = GPU.
+        gpu_fallback: with a DLA core, layers DLA cannot run go to the GPU.
+        fp32_layers: FP32-island preset of FP16 / INT8 builds, a key of :data:`FP32_PRESETS`
+            (``True`` = ``"default"``, ``False`` = ``"none"``); None = ``"default"`` on the GPU,
+            ``"none"`` on DLA (islands split a DLA graph into more loadables than a core holds).
         fp32_patterns: ``(regex, reason)`` layer-name patterns kept FP32 besides the layer types.
         builder_optimization_level: TensorRT's 0..5 search effort (None = TensorRT's default, 3).
         verbose: TensorRT logger at VERBOSE instead of WARNING.
@@ -379,7 +416,7 @@ class BuildOptions:
     timing_cache: str | Path | None = None
     dla_core: int | None = None
     gpu_fallback: bool = True
-    fp32_layers: bool = True
+    fp32_layers: str | bool | None = None
     fp32_patterns: tuple[tuple[str, str], ...] = DEFAULT_FP32_PATTERNS
     builder_optimization_level: int | None = None
     verbose: bool = False
@@ -394,13 +431,29 @@ class BuildOptions:
             if int(self.dla_core) != self.dla_core or self.dla_core < 0:
                 raise ValueError(f"dla_core must be a non-negative int or None, got {self.dla_core!r}")
             if self.precision == "fp32":
-                raise ValueError("DLA runs FP16 or INT8 only; use precision 'fp16' or 'int8' with dla_core")
-            if self.fp32_layers and not self.gpu_fallback:
+                raise ValueError("DLA runs FP16 or INT8 only; use precision 'fp16' with dla_core")
+            if self.precision == "int8":
                 raise ValueError(
-                    "DLA has no FP32: the FP32 layers (LayerNorm, Softmax, residual adds, score head) need "
-                    "gpu_fallback=True, or set fp32_layers=False to run them in FP16 on the DLA"
+                    "INT8 on DLA: edge_ad's INT8 models are explicitly quantized (Q/DQ), which TensorRT 10's DLA does "
+                    "not take (with GPU fallback the engine would run on the GPU with extra DLA<->GPU switches). "
+                    "Build the INT8 bundle for the GPU (leave out --dla-core / use device 'GPU'), or convert "
+                    "with --precision fp16 for the DLA"
                 )
             self.dla_core = int(self.dla_core)
+        preset = self.fp32_layers
+        if preset is None:
+            preset = "none" if self.dla_core is not None else "default"
+        elif isinstance(preset, bool):
+            preset = "default" if preset else "none"
+        if preset not in FP32_PRESETS:
+            raise ValueError(f"fp32_layers must be one of {sorted(FP32_PRESETS)} (or a bool), got {self.fp32_layers!r}")
+        if self.dla_core is not None and preset != "none":
+            raise ValueError(
+                f"fp32_layers={preset!r} with a DLA core: DLA has no FP32, so every FP32 island becomes a GPU segment "
+                "and a ViT is cut into more than the 16 loadables a DLA core holds; use fp32_layers='none' on DLA "
+                "(the default), or build for the GPU to keep the islands"
+            )
+        self.fp32_layers = preset
         if self.builder_optimization_level is not None and not 0 <= int(self.builder_optimization_level) <= 5:
             raise ValueError(f"builder_optimization_level must be 0..5, got {self.builder_optimization_level!r}")
         self.fp32_patterns = tuple((str(p), str(r)) for p, r in self.fp32_patterns)
@@ -414,7 +467,8 @@ class BuildOptions:
         return {
             "workspace_mb": self.workspace_mb,
             "gpu_fallback": self.gpu_fallback if self.dla_core is not None else None,
-            "fp32_layers": [list(p) for p in self.fp32_patterns] if self.fp32_layers else None,
+            "fp32_layers": self.fp32_layers,
+            "fp32_patterns": [list(p) for p in self.fp32_patterns] if self.fp32_layers != "none" else None,
             "builder_optimization_level": self.builder_optimization_level,
         }
 
@@ -429,26 +483,33 @@ class LayerDesc:
         type: ``trt.LayerType`` member name, e.g. ``"NORMALIZATION"``, ``"SOFTMAX"``, ``"ELEMENTWISE"``.
         op: for ``ELEMENTWISE`` layers the ``trt.ElementWiseOperation`` name (``"SUM"``, ``"PROD"``...).
         constant_inputs: inputs produced by constants (a bias ``Add`` has one, a residual ``Add`` none).
+        float_io: the layer computes on floats: every non-constant input and its first output are
+            floating point (False for INT32 / INT64 shape arithmetic; a TopK's index output and
+            its constant K do not count).
     """
 
     name: str
     type: str
     op: str | None = None
     constant_inputs: int = 0
+    float_io: bool = True
 
 
 def select_fp32_layers(
     layers: Iterable[LayerDesc | Sequence[Any]],
     *,
     patterns: Sequence[tuple[str, str]] = DEFAULT_FP32_PATTERNS,
+    preset: str = "default",
 ) -> dict[str, str]:
     """Which layers get an FP32 precision constraint in an FP16 / INT8 build, and why.
 
     Pure function (no TensorRT): layers are :class:`LayerDesc` or tuples ``(name, type[, op[,
-    constant_inputs]])``. Rules, first match wins:
+    constant_inputs[, float_io]]])``. Rules, first match wins, each only when ``preset`` (a key of
+    :data:`FP32_PRESETS`) includes its reason:
 
-    1. data movement / shape / Q/DQ layers: never (a constraint there only blocks fusions or breaks
-       explicit quantization);
+    1. data movement / shape / Q/DQ layers, and layers with a non-float input or output (INT32 /
+       INT64 shape arithmetic): never (a constraint there only blocks fusions, breaks explicit
+       quantization, or fails: integer layers have no FP32 precision);
     2. ``NORMALIZATION`` (LayerNorm, GroupNorm, ...): "normalisation";
     3. ``SOFTMAX``: "softmax";
     4. ``ELEMENTWISE`` ``SUM`` of two non-constant inputs: "residual add" (a bias add, with one
@@ -459,23 +520,26 @@ def select_fp32_layers(
     Returns:
         ``{layer name: reason}`` in layer order.
     """
+    if preset not in FP32_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(FP32_PRESETS)}, got {preset!r}")
+    rules = FP32_PRESETS[preset]
     compiled = [(re.compile(p, re.IGNORECASE), reason) for p, reason in patterns]
     chosen: dict[str, str] = {}
     for item in layers:
         desc = item if isinstance(item, LayerDesc) else LayerDesc(*item)
         kind = desc.type.upper()
-        if kind in _NO_PRECISION_TYPES:
+        if kind in _NO_PRECISION_TYPES or not desc.float_io:
             continue
         if kind == "NORMALIZATION":
-            chosen[desc.name] = "normalisation"
+            reason = "normalisation"
         elif kind == "SOFTMAX":
-            chosen[desc.name] = "softmax"
+            reason = "softmax"
         elif kind == "ELEMENTWISE" and (desc.op or "").upper() == "SUM" and desc.constant_inputs == 0:
-            chosen[desc.name] = "residual add"
+            reason = "residual add"
         else:
             reason = next((r for p, r in compiled if p.search(desc.name)), None)
-            if reason is not None:
-                chosen[desc.name] = reason
+        if reason is not None and reason in rules:
+            chosen[desc.name] = reason
     return chosen
 
 
@@ -505,9 +569,14 @@ def _describe_network(trt: Any, network: Any) -> list[LayerDesc]:
             return constant(layer.get_input(0), depth + 1)
         return False
 
+    float_types = (trt.float32, trt.float16)
     descs = []
     for layer in layers:
         kind = _enum_name(layer.type)
+        tensors = [t for t in (layer.get_input(k) for k in range(layer.num_inputs))
+                   if t is not None and not constant(t)]  # None: an optional input left out
+        tensors += [layer.get_output(0)] if layer.num_outputs else []
+        float_io = all(t.dtype in float_types for t in tensors)
         op = None
         n_const = 0
         if kind == "ELEMENTWISE":
@@ -519,7 +588,7 @@ def _describe_network(trt: Any, network: Any) -> list[LayerDesc]:
             except (AttributeError, TypeError):  # pragma: no cover - unexpected bindings
                 op = None
             n_const = sum(constant(layer.get_input(k)) for k in range(layer.num_inputs))
-        descs.append(LayerDesc(layer.name, kind, op, n_const))
+        descs.append(LayerDesc(layer.name, kind, op, n_const, float_io))
     return descs
 
 
@@ -597,6 +666,23 @@ def build_engine(onnx_path: str | Path, options: BuildOptions, out_path: str | P
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     else:
         flags = 0  # TensorRT 10: explicit batch is the only mode; EXPLICIT_BATCH is deprecated
+    with tempfile.TemporaryDirectory(prefix="edge_ad_trt_") as tmp:
+        network, parser = _parse_onnx(trt, builder, flags, logger, onnx_path)
+        if strongly_typed and options.precision == "fp16" and not _has_fp16_tensors(trt, network) \
+                and not _layer_types(network) & {"QUANTIZE", "DEQUANTIZE"}:
+            # The FP16 graph (FP32 islands as casts) replaces the FP32 one; parsed before tmp goes away.
+            from .fp16 import convert_fp16
+
+            conv = convert_fp16(onnx_path, Path(tmp) / "model_fp16.onnx", fp32_layers=options.fp32_layers,
+                                patterns=options.fp32_patterns)
+            log.info("FP16 ONNX for the strongly typed network: %d FP32 nodes, %d casts", len(conv.fp32_nodes),
+                     conv.casts)
+            network, parser = _parse_onnx(trt, builder, flags, logger, conv.path)
+        return _build_parsed(trt, builder, network, options, onnx_path, out_path, strongly_typed, logger)
+
+
+def _parse_onnx(trt: Any, builder: Any, flags: int, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
+    """(network, parser) of an ONNX file; the parser is returned because the network refers to it."""
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from file: external weights resolve beside it
@@ -605,7 +691,16 @@ def build_engine(onnx_path: str | Path, options: BuildOptions, out_path: str | P
             f"TensorRT's ONNX parser rejected {onnx_path}:\n  {errors}\n"
             "edge_ad.converters.trt_check.check_tensorrt_compatible explains most of these before a build"
         )
+    return network, parser
 
+
+def _layer_types(network: Any) -> set[str]:
+    return {_enum_name(network.get_layer(i).type) for i in range(network.num_layers)}
+
+
+def _build_parsed(trt: Any, builder: Any, network: Any, options: BuildOptions, onnx_path: Path, out_path: Path,
+                  strongly_typed: bool, logger: Any) -> Path:
+    """The rest of :func:`build_engine` once the network is parsed: checks, config, build, write."""
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         if any(int(d) < 0 for d in tensor.shape):
@@ -614,8 +709,7 @@ def build_engine(onnx_path: str | Path, options: BuildOptions, out_path: str | P
                 "engines; export the ONNX at a fixed batch and size"
             )
 
-    layer_types = {_enum_name(network.get_layer(i).type) for i in range(network.num_layers)}
-    quantized = bool(layer_types & {"QUANTIZE", "DEQUANTIZE"})
+    quantized = bool(_layer_types(network) & {"QUANTIZE", "DEQUANTIZE"})
     if options.precision == "int8" and not quantized:
         raise ValueError(
             f"{onnx_path} has no Q/DQ nodes: INT8 engines are built only from explicit-quantization ONNX "
@@ -631,19 +725,16 @@ def build_engine(onnx_path: str | Path, options: BuildOptions, out_path: str | P
 
     fp32: dict[str, str] = {}
     if strongly_typed:
-        if options.precision == "fp16" and not _has_fp16_tensors(trt, network):
-            raise ValueError(
-                f"TensorRT {trt.__version__} builds strongly typed networks: precision comes from the ONNX, and "
-                f"{onnx_path} is FP32. Convert it to FP16 (keeping LayerNorm / Softmax / residual adds in FP32 with "
-                "casts) before building, or build with precision='fp32'"
-            )
+        if options.precision == "fp16" and not _has_fp16_tensors(trt, network):  # pragma: no cover - converted above
+            raise ValueError(f"the strongly typed network of {onnx_path} has no FP16 tensors after conversion")
     else:
         if options.precision in ("fp16", "int8"):
             config.set_flag(trt.BuilderFlag.FP16)  # int8: the layers without Q/DQ run FP16
         if options.precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: scales come from Q/DQ
-        if options.precision != "fp32" and options.fp32_layers:
-            fp32 = select_fp32_layers(_describe_network(trt, network), patterns=options.fp32_patterns)
+        if options.precision != "fp32" and options.fp32_layers != "none":
+            fp32 = select_fp32_layers(_describe_network(trt, network), patterns=options.fp32_patterns,
+                                      preset=options.fp32_layers)
             if fp32:
                 _apply_fp32(trt, network, fp32)
                 # OBEY: fail the build rather than silently run an island in FP16.
@@ -657,7 +748,7 @@ def build_engine(onnx_path: str | Path, options: BuildOptions, out_path: str | P
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = options.dla_core
         if options.gpu_fallback:
-            # DLA has no FP32 (the islands), no TopK over large K, ...: those run on the GPU.
+            # DLA has no FP32, no TopK over large K, ...: those run on the GPU.
             config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
 
     cache_path = Path(options.timing_cache) if options.timing_cache is not None else None
@@ -672,7 +763,10 @@ def build_engine(onnx_path: str | Path, options: BuildOptions, out_path: str | P
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}; see the TensorRT log above")
     data = bytes(memoryview(serialized))
-    engine = trt.Runtime(logger).deserialize_cuda_engine(data)  # catch a broken engine now, not at run time
+    runtime = trt.Runtime(logger)
+    if options.dla_core is not None:
+        runtime.DLA_core = options.dla_core  # a DLA engine deserialises onto the runtime's DLA core
+    engine = runtime.deserialize_cuda_engine(data)  # catch a broken engine now, not at run time
     if engine is None:
         raise RuntimeError(f"the engine built from {onnx_path} does not deserialize on this device")
     _atomic_write(out_path, data)
@@ -698,10 +792,7 @@ def get_or_build_engine(
         device: override :func:`device_info` (tests, cross-checks).
     """
     device = device or device_info()
-    key = engine_key(
-        onnx_path, trt_version=device.trt_version, compute_capability=device.compute_capability,
-        precision=options.precision, dla_core=options.dla_core, extra=options.key_fields(),
-    )
+    key = device_engine_key(onnx_path, options, device)
     digest = key.digest()
     cached = find_cached_engine(engines_dir, digest)
     if cached is not None:

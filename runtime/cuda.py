@@ -5,8 +5,15 @@ buffers itself; one of two binding packages does that here, whichever imports (i
 
 * cuda-python: ``cuda.bindings.runtime`` (>= 12.6) or ``cuda.cudart`` (older layout). Every call
   returns ``(cudaError_t, *values)``; a non-success code raises :class:`CudaError` naming the call.
+  The device is made current (``cudaSetDevice``, which is per thread) before every call.
 * pycuda: ``pycuda.driver`` on the device's *primary* context (the one the CUDA runtime, and so
   TensorRT, uses), pushed around every call so any thread may use the engine.
+
+A binding is used only when its first CUDA call works: cuda-python 13.x imports fine on JetPack 6
+(CUDA 12.6, driver < 580) and fails at that call (``cudaErrorInsufficientDriver``); that, like a
+failed import, moves on to the next binding. :meth:`CudaApi.activate` makes the engine's device
+current around calls into TensorRT (``execute_async_v3``) and the CUDA preprocessing kernel, so
+``GPU:1`` works from any thread.
 
 Both give the same small API (:class:`CudaApi`): page-locked host arrays (numpy views of
 ``cudaHostAlloc`` memory, so async copies really overlap), device buffers (plain ``int``
@@ -22,17 +29,26 @@ import ctypes
 import importlib
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-__all__ = ["CUDA_MISSING", "CudaApi", "CudaError", "cuda_available", "load_cuda", "preprocess_cuda_into"]
+__all__ = ["CUDA_BINDINGS_HINT", "CUDA_MISSING", "CudaApi", "CudaError", "CudaScratch", "DeviceProperties",
+           "cuda_available", "load_cuda", "preprocess_cuda_into"]
+
+#: Which CUDA Python bindings match which CUDA (the major version must not exceed the driver's).
+CUDA_BINDINGS_HINT = (
+    "install the CUDA Python bindings matching this machine's CUDA: JetPack 6 (CUDA 12.6) "
+    "`pip install 'cuda-python>=12.6,<13'` (cuda-python 13 needs CUDA 13 / driver >= 580); JetPack 7 (CUDA 13) "
+    "and x86 with driver >= 580 `pip install 'cuda-python>=13,<14'`; or pycuda (`pip install pycuda`, builds "
+    "against the local CUDA)"
+)
 
 CUDA_MISSING = (
     "the TensorRT engine needs CUDA Python bindings to allocate buffers and streams, and neither cuda-python "
     "(`cuda.bindings.runtime` / `cuda.cudart`) nor pycuda can be imported. Install them with "
-    "`pip install edge-ad[tensorrt]` (TensorRT + pycuda) or `pip install cuda-python`; on Jetson, TensorRT "
-    "comes with JetPack (python3-libnvinfer) and cuda-python / pycuda are pip-installed on top"
+    "`pip install edge-ad[tensorrt]` (x86: TensorRT + cuda-python), or " + CUDA_BINDINGS_HINT + "; on Jetson, "
+    "TensorRT comes with JetPack (python3-libnvinfer) and the bindings are pip-installed on top"
 )
 
 _CUDART_MODULES = ("cuda.bindings.runtime", "cuda.cudart")
@@ -40,6 +56,20 @@ _CUDART_MODULES = ("cuda.bindings.runtime", "cuda.cudart")
 
 class CudaError(RuntimeError):
     """A CUDA call failed; the message names the call and CUDA's error code."""
+
+
+class DeviceProperties(NamedTuple):
+    """What an engine is specific to on the CUDA side.
+
+    Attributes:
+        name: device name (``"Orin"``, ``"NVIDIA L4"``...).
+        compute_capability: ``"major.minor"``.
+        sm_count: streaming multiprocessors (tells Orin Nano / NX / AGX apart; all are 8.7).
+    """
+
+    name: str
+    compute_capability: str
+    sm_count: int
 
 
 class CudaApi:
@@ -50,6 +80,25 @@ class CudaApi:
     """
 
     name = "?"
+    device = 0
+
+    def device_properties(self) -> DeviceProperties:
+        """Name, compute capability and SM count of the device."""
+        raise NotImplementedError
+
+    @contextmanager
+    def activate(self) -> Iterator[None]:
+        """Make the device current on the calling thread for the block (TensorRT / kernel calls)."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def device_free(self, address: int) -> None:
+        """Free a buffer from :meth:`device_alloc` before :meth:`close` (its stream must be done with it)."""
+        raise NotImplementedError
+
+    def stream_synchronize(self, stream: Any) -> None:
+        """Block until all work queued on ``stream`` is done."""
+        raise NotImplementedError
 
     def host_empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """A C-contiguous page-locked host array (valid until :meth:`close`)."""
@@ -88,7 +137,7 @@ class CudaApi:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Free every buffer, stream and event this object made."""
+        """Wait for the work queued on this object's streams, then free every buffer, stream and event it made."""
         raise NotImplementedError
 
 
@@ -107,14 +156,22 @@ class _CudaPython(CudaApi):
 
     def __init__(self, cudart: Any, device: int = 0) -> None:
         self._rt = cudart
+        self.device = int(device)
         self._lock = threading.Lock()
         self._host: list[Any] = []
         self._device: list[Any] = []
         self._streams: list[Any] = []
         self._events: list[Any] = []
-        self._call("cudaSetDevice", device)
+        self._call("cudaSetDevice", self.device)  # the first CUDA call: fails here if the binding cannot work
 
     def _call(self, fn: str, *args: Any) -> Any:
+        if fn != "cudaSetDevice":
+            # cudaSetDevice is per thread, and the engine may be driven from several (GPU:1 otherwise
+            # allocates on device 1 from the constructing thread and on device 0 from the others).
+            self._raw("cudaSetDevice", self.device)
+        return self._raw(fn, *args)
+
+    def _raw(self, fn: str, *args: Any) -> Any:
         result = getattr(self._rt, fn)(*args)
         err = result[0] if isinstance(result, tuple) else result
         if err != self._rt.cudaError_t.cudaSuccess:
@@ -122,6 +179,33 @@ class _CudaPython(CudaApi):
                             "driver loaded? `nvidia-smi` / `tegrastats` should show it)")
         rest = result[1:] if isinstance(result, tuple) else ()
         return rest[0] if len(rest) == 1 else rest
+
+    def device_properties(self) -> DeviceProperties:
+        props = self._call("cudaGetDeviceProperties", self.device)
+        name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+        return DeviceProperties(name.rstrip("\x00").strip(), f"{int(props.major)}.{int(props.minor)}",
+                                int(props.multiProcessorCount))
+
+    @contextmanager
+    def activate(self) -> Iterator[None]:
+        previous = self._raw("cudaGetDevice")
+        self._raw("cudaSetDevice", self.device)
+        try:
+            yield
+        finally:
+            if int(previous) != self.device:
+                self._raw("cudaSetDevice", int(previous))
+
+    def device_free(self, address: int) -> None:
+        with self._lock:
+            match = next((p for p in self._device if int(p) == int(address)), None)
+            if match is None:
+                raise ValueError(f"device address {address:#x} was not allocated here (or already freed)")
+            self._device.remove(match)
+        self._call("cudaFree", match)
+
+    def stream_synchronize(self, stream: Any) -> None:
+        self._call("cudaStreamSynchronize", stream)
 
     def host_empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -167,13 +251,20 @@ class _CudaPython(CudaApi):
 
     def close(self) -> None:
         with self._lock:
+            # Work still queued (a slot started and never waited for) reads and writes these buffers:
+            # wait for it before anything is freed.
+            for stream in self._streams:
+                try:
+                    self._call("cudaStreamSynchronize", stream)
+                except Exception:  # noqa: BLE001 - best effort at teardown (interpreter exit)
+                    pass
             items = [("cudaEventDestroy", self._events), ("cudaStreamDestroy", self._streams),
                      ("cudaFree", self._device), ("cudaFreeHost", self._host)]
             for fn, handles in items:
                 while handles:
                     h = handles.pop()
                     try:
-                        getattr(self._rt, fn)(h)
+                        self._call(fn, h)
                     except Exception:  # noqa: BLE001 - best effort at teardown (interpreter exit)
                         pass
 
@@ -185,9 +276,13 @@ class _PyCuda(CudaApi):
 
     def __init__(self, driver: Any, device: int = 0) -> None:
         self._cuda = driver
+        self.device = int(device)
         driver.init()
-        self._ctx = driver.Device(device).retain_primary_context()
+        self._dev = driver.Device(self.device)
+        self._ctx = self._dev.retain_primary_context()
         self._keep: list[Any] = []  # pycuda frees a buffer when its Python object dies
+        with self._active():  # the first CUDA call: fails here if the driver cannot use the device
+            driver.Context.synchronize()
 
     @contextmanager
     def _active(self) -> Iterator[None]:
@@ -197,6 +292,26 @@ class _PyCuda(CudaApi):
             yield
         finally:
             self._cuda.Context.pop()
+
+    activate = _active  # the runtime (TensorRT, the kernel) uses the current primary context
+
+    def device_properties(self) -> DeviceProperties:
+        major, minor = self._dev.compute_capability()
+        sms = self._dev.get_attribute(self._cuda.device_attribute.MULTIPROCESSOR_COUNT)
+        return DeviceProperties(str(self._dev.name()).strip(), f"{int(major)}.{int(minor)}", int(sms))
+
+    def device_free(self, address: int) -> None:
+        match = next((b for b in self._keep if isinstance(b, self._cuda.DeviceAllocation) and int(b) == int(address)),
+                     None)
+        if match is None:
+            raise ValueError(f"device address {address:#x} was not allocated here (or already freed)")
+        self._keep.remove(match)
+        with self._active():
+            match.free()
+
+    def stream_synchronize(self, stream: Any) -> None:
+        with self._active():
+            stream.synchronize()
 
     def host_empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         with self._active():
@@ -247,8 +362,16 @@ class _PyCuda(CudaApi):
         if not self._keep:
             return
         with self._active():
+            for obj in self._keep:  # queued work reads and writes the buffers: let it finish first
+                if isinstance(obj, self._cuda.Stream):
+                    try:
+                        obj.synchronize()
+                    except Exception:  # noqa: BLE001 - best effort at teardown
+                        pass
             for obj in reversed(self._keep):
-                free = getattr(obj, "free", None)
+                # A page-locked array is a numpy array whose .base is pycuda's HostAllocation.
+                owner = obj.base if isinstance(obj, np.ndarray) else obj
+                free = getattr(owner, "free", None)
                 if free is not None:
                     try:
                         free()
@@ -277,23 +400,35 @@ def load_cuda(device: int = 0, prefer: str | None = None) -> CudaApi:
         device: CUDA device index.
         prefer: ``"cuda-python"`` or ``"pycuda"`` to use only that package.
 
+    A package counts only when it imports *and* its first CUDA call on ``device`` works; otherwise
+    (e.g. cuda-python 13 on a CUDA 12 driver) the next one is tried.
+
     Raises:
         ImportError: neither package imports (:data:`CUDA_MISSING`, with what each import said).
-        CudaError: the package imports but CUDA cannot use the device.
+        CudaError: a package imports but none can use the device (each failure named, plus
+            :data:`CUDA_BINDINGS_HINT`).
     """
     if prefer not in (None, "cuda-python", "pycuda"):
         raise ValueError(f"prefer must be None, 'cuda-python' or 'pycuda', got {prefer!r}")
     tried: list[str] = []
+    failed: list[str] = []
+    candidates: list[tuple[str, tuple[str, ...], Any]] = []
     if prefer in (None, "cuda-python"):
-        cudart, tried_rt = _import_first(_CUDART_MODULES)
-        tried += tried_rt
-        if cudart is not None:
-            return _CudaPython(cudart, device)
+        candidates.append(("cuda-python", _CUDART_MODULES, _CudaPython))
     if prefer in (None, "pycuda"):
-        driver, tried_pc = _import_first(("pycuda.driver",))
-        tried += tried_pc
-        if driver is not None:
-            return _PyCuda(driver, device)
+        candidates.append(("pycuda", ("pycuda.driver",), _PyCuda))
+    for label, modules, cls in candidates:
+        module, tried_here = _import_first(modules)
+        tried += tried_here
+        if module is None:
+            continue
+        try:
+            return cls(module, device)
+        except Exception as exc:  # noqa: BLE001 - any failure of the first call: this binding is not usable
+            failed.append(f"{label}: {type(exc).__name__}: {exc}")
+    if failed:
+        raise CudaError(f"no CUDA binding can use device {device} ({'; '.join(failed + tried)}). Is an NVIDIA GPU "
+                        f"visible and the driver loaded (`nvidia-smi` / `tegrastats`)? Otherwise {CUDA_BINDINGS_HINT}")
     raise ImportError(f"{CUDA_MISSING} (tried: {'; '.join(tried)})")
 
 
@@ -310,7 +445,36 @@ def _packed_rows(frame: np.ndarray) -> bool:
     return frame.strides[1] == channels and frame.strides[0] >= frame.shape[1] * channels
 
 
-def preprocess_cuda_into(frames: list[np.ndarray], spec: Any, out_device: int, dtype: Any, stream: int, *,
+class CudaScratch:
+    """A device scratch buffer used only on one stream (the CUDA preprocessing's staging area).
+
+    Persistent: allocated once and grown when a larger frame arrives (after the stream is done
+    with the old buffer), instead of a stream-ordered allocation per frame (``cudaMallocAsync``
+    needs memory pools, which some devices / drivers lack). Freed by :meth:`release` or with its
+    :class:`CudaApi`.
+    """
+
+    def __init__(self, cuda: CudaApi, stream: Any) -> None:
+        self.cuda, self.stream = cuda, stream
+        self.address, self.nbytes = 0, 0
+
+    def ensure(self, nbytes: int) -> int:
+        """A buffer of at least ``nbytes``; returns its device address."""
+        if nbytes > self.nbytes:
+            self.release()
+            size = max(int(nbytes), 2 * self.nbytes)  # grow geometrically: few reallocations
+            self.address, self.nbytes = self.cuda.device_alloc(size), size
+        return self.address
+
+    def release(self) -> None:
+        """Free the buffer once the stream's queued work (which may read it) is done."""
+        if self.address:
+            self.cuda.stream_synchronize(self.stream)
+            self.cuda.device_free(self.address)
+            self.address, self.nbytes = 0, 0
+
+
+def preprocess_cuda_into(frames: list[np.ndarray], spec: Any, out_device: int, dtype: Any, scratch: CudaScratch, *,
                          color_order: str = "bgr") -> None:
     """Preprocess uint8 frames on the GPU into ``out_device``: (len(frames), 3, H, W) ``dtype`` planes.
 
@@ -318,6 +482,7 @@ def preprocess_cuda_into(frames: list[np.ndarray], spec: Any, out_device: int, d
     normalisation; float summation order aside). Asynchronous on ``stream`` (a ``cudaStream_t``
     as int): the frames may be reused when this returns; the output is ready once the stream
     reaches that point (the TensorRT engine runs on the same stream, so it is ordered after it).
+    The scratch's device is made current on the calling thread.
 
     Args:
         frames: validated, ROI-cropped uint8 (H, W) or (H, W, 3) views (as ``Detector`` makes them);
@@ -325,11 +490,12 @@ def preprocess_cuda_into(frames: list[np.ndarray], spec: Any, out_device: int, d
         spec: the :class:`~edge_ad.runtime.PreprocessSpec`.
         out_device: device address of the (B, 3, H, W) buffer (B >= len(frames)).
         dtype: ``np.float32`` or ``np.float16`` (the engine input's type).
-        stream: CUDA stream handle.
+        scratch: the :class:`CudaScratch` of the stream to queue on (grown here when too small).
         color_order: ``"bgr"``, ``"rgb"`` or ``"gray"``.
 
     Raises:
-        RuntimeError: the extension has no CUDA kernel or no GPU is visible.
+        RuntimeError: the extension has no CUDA kernel, no GPU is visible, or a CUDA call failed
+            (the TensorRT engine then preprocesses on the CPU).
     """
     from .preprocessing import _ext, cuda_preprocess_available
 
@@ -342,5 +508,13 @@ def preprocess_cuda_into(frames: list[np.ndarray], spec: Any, out_device: int, d
     if dt not in (np.float32, np.float16):
         raise TypeError(f"dtype must be float32 or float16, got {dt}")
     packed = [f if _packed_rows(f) else np.ascontiguousarray(f) for f in frames]
-    _ext.preprocess_cuda(packed, int(out_device), spec.height, spec.width, dt == np.float16, color_order == "bgr",
-                         spec.resize, spec.mean, spec.std, int(stream))
+    cuda = scratch.cuda
+    stream = cuda.stream_handle(scratch.stream)
+    for _ in range(2):  # the second pass runs with a scratch grown to what the frames need
+        needed = _ext.preprocess_cuda(packed, int(out_device), spec.height, spec.width, dt == np.float16,
+                                      color_order == "bgr", spec.resize, spec.mean, spec.std, stream,
+                                      scratch.address, scratch.nbytes, cuda.device)
+        if not needed:
+            return
+        scratch.ensure(int(needed))
+    raise RuntimeError(f"CUDA preprocessing still needs {needed} scratch bytes after growing to {scratch.nbytes}")

@@ -1,8 +1,9 @@
 """`edge-ad build-engine BUNDLE` / :func:`edge_ad.converters.engine.build_bundle_engine`.
 
-TensorRT cannot be installed here: the builder runs against ``_FakeTensorRT`` from
-``test_tensorrt.py``, a STUB ``tensorrt`` module put into ``sys.modules`` that records the calls
-and returns fake engine bytes. These tests are NOT a TensorRT run. They prove what the command
+TensorRT cannot run here: the builder runs against ``FakeTensorRT`` (``tests/trt_stub.py``), a
+STUB ``tensorrt`` module put into ``sys.modules`` that records the calls, returns fake engine
+bytes and refuses every name the real TensorRT version lacks (surfaces of 10.3, 10.16 and 11.4,
+each test once per surface). These tests are NOT a TensorRT run. They prove what the command
 does around the builder on a real bundle (``edge_ad.converters.convert`` for jetson-orin INT8 from a
 real knn run): verified loading, precision from the manifest, DLA only on DLA targets, the cache
 key, reuse of a matching cached engine, rebuilds on ``--force`` or a changed key, refusal of
@@ -11,6 +12,7 @@ non-TensorRT bundles, and the no-TensorRT error path of the CLI with torch block
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -19,11 +21,12 @@ from edge_ad.converters.convert import convert
 from edge_ad.converters.engine import build_bundle_engine
 from edge_ad.converters.tensorrt import TENSORRT_MISSING, BuildOptions, DeviceInfo, engine_cache_key, find_cached_engine
 from edge_ad.runtime import load_bundle
-from test_tensorrt import _fake_cudart, _FakeTensorRT  # the TensorRT 10 stub (not TensorRT)
+from test_tensorrt import _fake_cudart
 from torch_blocker import run_without_torch
+from trt_stub import SURFACES, FakeTensorRT  # the TensorRT stub on real API surfaces (not TensorRT)
 
 CATEGORY = "mvtec_hazelnut_256"
-ORIN = DeviceInfo("10.3.0", "8.7")
+ORIN = DeviceInfo("10.3.0", "8.7", "Orin", 16)
 
 
 @pytest.fixture(scope="module")
@@ -35,29 +38,41 @@ def orin_bundle(knn_run, real_root, tmp_path_factory):
 
 
 @pytest.fixture
-def stub(monkeypatch):
-    fake = _FakeTensorRT("10.3.0", num_dla_cores=2)
+def orin(orin_bundle, tmp_path):
+    """A fresh copy of the bundle per test: each surface run starts with an empty engines/ folder."""
+    return shutil.copytree(orin_bundle, tmp_path / "orin")
+
+
+@pytest.fixture(params=SURFACES)
+def stub(request, monkeypatch):
+    fake = FakeTensorRT(request.param, num_dla_cores=2)
     monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
     return fake
 
 
-def _builds(fake: _FakeTensorRT) -> int:
+def _builds(fake: FakeTensorRT) -> int:
     return fake.names().count("build_serialized_network")
 
 
-def test_builds_then_reuses_then_force_and_key_changes_rebuild(orin_bundle, stub, tmp_path):
+def test_builds_then_reuses_then_force_and_key_changes_rebuild(orin, stub, tmp_path):
+    orin_bundle = orin
     bundle = load_bundle(orin_bundle)
     assert (bundle.manifest.engine.name, bundle.manifest.precision) == ("tensorrt", "int8")
     engine = build_bundle_engine(orin_bundle, device=ORIN)
     assert _builds(stub) == 1
     assert engine.parent == bundle.engines_dir and engine.is_file()
-    assert {"INT8", "FP16"} <= set(stub.config.flags)  # precision from the manifest (INT8 Q/DQ, rest FP16)
-    assert stub.config.pools["WORKSPACE"] == 1024 << 20
+    if stub.strongly_typed:  # TensorRT 11: the Q/DQ graph's own types, no precision flags
+        assert stub.config._flags == set()
+    else:  # precision from the manifest (INT8 Q/DQ, rest FP16)
+        assert {"INT8", "FP16"} <= stub.config._flags
+    assert stub.config._pools["WORKSPACE"] == 1024 << 20
     key = engine_cache_key(bundle.path("model.onnx"), trt_version="10.3.0", compute_capability="8.7",
-                           precision="int8", extra=BuildOptions(precision="int8").key_fields())
+                           precision="int8", extra=BuildOptions(precision="int8").key_fields(),
+                           device_name="Orin", sm_count=16)
     assert engine.name == f"{key}.engine" and find_cached_engine(bundle.engines_dir, key) == engine
     record = json.loads(engine.with_suffix(".json").read_text())
     assert record["fields"]["precision"] == "int8" and record["fields"]["compute_capability"] == "8.7"
+    assert (record["fields"]["device_name"], record["fields"]["sm_count"]) == ("Orin", 16)
 
     # Second call: the matching cached engine, no build.
     assert build_bundle_engine(orin_bundle, device=ORIN) == engine
@@ -66,31 +81,36 @@ def test_builds_then_reuses_then_force_and_key_changes_rebuild(orin_bundle, stub
     assert build_bundle_engine(orin_bundle, device=ORIN, force=True) == engine
     assert _builds(stub) == 2 and find_cached_engine(bundle.engines_dir, key) == engine
     # A different device (compute capability), TensorRT version or option: a new key, a new build.
-    other_cc = build_bundle_engine(orin_bundle, device=DeviceInfo("10.3.0", "8.9"))
+    other_cc = build_bundle_engine(orin_bundle, device=DeviceInfo("10.3.0", "8.9", "NVIDIA L4", 58))
     assert _builds(stub) == 3 and other_cc != engine
-    other_trt = build_bundle_engine(orin_bundle, device=DeviceInfo("10.4.0", "8.7"))
+    other_trt = build_bundle_engine(orin_bundle, device=DeviceInfo("10.4.0", "8.7", "Orin", 16))
     assert _builds(stub) == 4 and other_trt not in (engine, other_cc)
     bigger = build_bundle_engine(orin_bundle, device=ORIN, workspace_mb=2048)
-    assert _builds(stub) == 5 and stub.config.pools["WORKSPACE"] == 2048 << 20 and bigger != engine
-    # DLA (jetson-orin has DLA): its own key, DLA device + GPU fallback.
-    dla = build_bundle_engine(orin_bundle, device=ORIN, dla_core=1)
-    assert _builds(stub) == 6 and dla != engine
-    assert stub.config.default_device_type.name == "DLA" and stub.config.DLA_core == 1
-    assert "GPU_FALLBACK" in stub.config.flags
+    assert _builds(stub) == 5 and stub.config._pools["WORKSPACE"] == 2048 << 20 and bigger != engine
+    # Another Jetson module with the same compute capability (Orin NX vs AGX): its own engine.
+    nx = build_bundle_engine(orin_bundle, device=DeviceInfo("10.3.0", "8.7", "Orin", 8))
+    assert _builds(stub) == 6 and nx not in (engine, other_cc, other_trt, bigger)
+    # DLA with a Q/DQ INT8 bundle: refused before any build (TensorRT 10's DLA takes no Q/DQ).
+    with pytest.raises(ValueError, match="Q/DQ.*DLA"):
+        build_bundle_engine(orin_bundle, device=ORIN, dla_core=1)
+    # The islands preset is part of the key.
+    build_bundle_engine(orin_bundle, device=ORIN, fp32_layers="no-softmax")
+    assert _builds(stub) == 7
     # A stale engine under our key (e.g. copied in from another device): never loaded, rebuilt.
     engine.write_bytes(b"FAKE-ENGINE from somewhere else")
     assert build_bundle_engine(orin_bundle, device=ORIN) == engine
-    assert _builds(stub) == 7 and find_cached_engine(bundle.engines_dir, key) == engine
+    assert _builds(stub) == 8 and find_cached_engine(bundle.engines_dir, key) == engine
     # Timing cache: written after the build.
     cache = tmp_path / "timing.cache"
     build_bundle_engine(orin_bundle, device=ORIN, timing_cache=cache, force=True)
     assert cache.read_bytes().startswith(b"timing-cache-v2:")
 
 
-def test_cli_reuses_and_force_rebuilds(orin_bundle, stub, monkeypatch, capsys):
+def test_cli_reuses_and_force_rebuilds(orin, stub, monkeypatch, capsys):
+    orin_bundle = orin
     from edge_ad.cli.main import main
 
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", _fake_cudart(8, 7))  # stub CUDA: sm_87
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", _fake_cudart(8, 7))  # stub CUDA: Orin, sm_87
     assert main(["build-engine", str(orin_bundle)]) == 0
     first = capsys.readouterr().out
     builds = _builds(stub)
@@ -103,10 +123,22 @@ def test_cli_reuses_and_force_rebuilds(orin_bundle, stub, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", _fake_cudart(8, 6))
     assert main(["build-engine", str(orin_bundle)]) == 0
     assert capsys.readouterr().out.startswith("built engine") and _builds(stub) == builds + 2
+    # Same 8.7, another module (SM count): built, not reused.
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", _fake_cudart(8, 7, "Orin", 8))
+    assert main(["build-engine", str(orin_bundle)]) == 0
+    assert capsys.readouterr().out.startswith("built engine") and _builds(stub) == builds + 3
+    assert main(["build-engine", str(orin_bundle), "--fp32-layers", "no-softmax"]) == 0
+    assert capsys.readouterr().out.startswith("built engine") and _builds(stub) == builds + 4
+    assert main(["build-engine", str(orin_bundle), "--dla-core", "0"]) == 2
+    assert "Q/DQ" in capsys.readouterr().err
 
 
-def test_refuses_non_tensorrt_bundles_and_dla_without_dla(knn_run, orin_bundle, stub, tmp_path, capsys):
+def test_refuses_non_tensorrt_bundles_and_dla_without_dla(knn_run, orin_bundle, monkeypatch, tmp_path, capsys):
+    """The refusals come before TensorRT is used: one surface is enough."""
     from edge_ad.cli.main import main
+
+    stub = FakeTensorRT("10.3")
+    monkeypatch.setitem(sys.modules, "tensorrt", stub.module)
 
     onnx_cpu = convert(knn_run, "onnx-cpu", tmp_path / "cpu", precision="fp32", calib_count=8, progress=False)
     with pytest.raises(ValueError, match=r"engine 'onnxruntime' \(target 'onnx-cpu'\), not TensorRT"):

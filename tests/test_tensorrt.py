@@ -1,17 +1,18 @@
 """Engine cache keys, FP32-island selection and the TensorRT engine builder.
 
-TensorRT cannot be installed here (no GPU; PyPI's ``tensorrt`` is a download stub), so the
-builder is exercised against ``_FakeTensorRT``: a STUB module put into ``sys.modules`` that
-implements only the TensorRT 10 Python API calls ``build_engine`` makes, and records them.
-These tests are NOT a TensorRT run. They prove the call sequence and the flags (network creation
-flags per TensorRT version, FP16 / INT8 / OBEY_PRECISION_CONSTRAINTS, per-layer FP32 precision
-on the layers the recipe keeps in FP32, DLA + GPU_FALLBACK, workspace, timing cache load / save,
-INT8 only from Q/DQ graphs, parser errors surfaced with the node). They cannot prove that a real
-TensorRT accepts the network, honours the constraints, or what accuracy / speed the engine has:
-that needs the device (``edge-ad build-engine``).
+TensorRT cannot run here (no GPU), so the builder is exercised against ``FakeTensorRT``
+(``tests/trt_stub.py``): a STUB module put into ``sys.modules`` that records the calls and refuses
+every name the chosen REAL TensorRT version lacks, per the API surfaces extracted from the real
+bindings wheels (``scripts/trt_api_surface.py``). Every builder test runs once per surface: 10.3
+(JetPack 6), 10.16 (latest 10.x) and 11.4 (latest 11.x, strongly typed only). These tests prove
+the call sequence, the flags per version, the FP32 islands (per-layer precision on 10, an FP16
+ONNX with FP32 islands on 11), DLA rules, timing cache, Q/DQ-only INT8 and that no call uses a
+name the version does not have. They cannot prove that a real builder accepts the network or
+what accuracy / speed the engine has: that needs the device (``edge-ad build-engine``).
 """
 from __future__ import annotations
 
+import ast
 import enum
 import json
 import re
@@ -28,6 +29,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edge_ad.converters.tensorrt import (  # noqa: E402  (imports without TensorRT)
+    FP32_PRESETS,
     TENSORRT_MISSING,
     BuildOptions,
     DeviceInfo,
@@ -44,7 +46,7 @@ from edge_ad.converters.tensorrt import (  # noqa: E402  (imports without Tensor
     tensorrt_available,
     write_engine_record,
 )
-from edge_ad.converters.trt_check import TENSORRT10_ONNX_OPS  # noqa: E402
+from trt_stub import SURFACES, FakeTensorRT, load_surface  # noqa: E402
 
 KEY_ARGS = dict(trt_version="10.3.0", compute_capability="8.7", precision="fp16", dla_core=None, extra={"a": 1})
 
@@ -57,7 +59,7 @@ def test_module_imports_and_calls_explain_what_is_missing(monkeypatch, tmp_path)
         with pytest.raises(ImportError) as info:
             call()
         assert str(info.value) == TENSORRT_MISSING
-    assert "python3-libnvinfer" in TENSORRT_MISSING and "pip install tensorrt" in TENSORRT_MISSING
+    assert "python3-libnvinfer" in TENSORRT_MISSING and "pip install edge-ad[tensorrt]" in TENSORRT_MISSING
     assert "edge-ad build-engine BUNDLE" in TENSORRT_MISSING
     # A package named tensorrt without the API (the PyPI download stub) is "missing" as well.
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
@@ -65,29 +67,33 @@ def test_module_imports_and_calls_explain_what_is_missing(monkeypatch, tmp_path)
         device_info()
 
 
-def _fake_cudart(major: int | None, minor: int = 7) -> types.ModuleType:
-    """A cuda-python ``runtime`` stub: compute capability ``major.minor``, or no device (None)."""
+def _fake_cudart(major: int | None, minor: int = 7, name: str = "Orin", sms: int = 16) -> types.ModuleType:
+    """A cuda-python ``runtime`` stub: device ``name`` with compute capability ``major.minor`` and
+    ``sms`` SMs, or no device (None: every call fails as without a driver / GPU)."""
     m = types.ModuleType("cudart")
     m.cudaError_t = enum.Enum("cudaError_t", {"cudaSuccess": 0, "cudaErrorNoDevice": 100})
-    m.cudaDeviceAttr = enum.Enum("cudaDeviceAttr", "cudaDevAttrComputeCapabilityMajor cudaDevAttrComputeCapabilityMinor")
+    ok, none = m.cudaError_t.cudaSuccess, m.cudaError_t.cudaErrorNoDevice
 
-    def get(attr, device):
+    def props(device):
         if major is None:
-            return m.cudaError_t.cudaErrorNoDevice, None
-        return m.cudaError_t.cudaSuccess, major if attr.name.endswith("Major") else minor
+            return none, None
+        return ok, types.SimpleNamespace(name=name.encode() + b"\x00" * 3, major=major, minor=minor,
+                                         multiProcessorCount=sms)
 
-    m.cudaDeviceGetAttribute = get
+    m.cudaGetDeviceProperties = props
+    m.cudaSetDevice = lambda device: (none,) if major is None else (ok,)
+    m.cudaGetDevice = lambda: (ok, 0)
     return m
 
 
-def test_device_info_reads_version_and_compute_capability(monkeypatch, fake_trt):
+def test_device_info_reads_version_compute_capability_name_and_sms(monkeypatch, fake_trt):
     for name in ("cuda.cudart", "pycuda", "pycuda.driver"):
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", _fake_cudart(None))
-    with pytest.raises(RuntimeError, match="compute capability.*cudaErrorNoDevice.*cuda-python"):
+    with pytest.raises(RuntimeError, match="device 0.*cuda-python: CudaError.*cudaErrorNoDevice.*cuda-python>=12.6,<13"):
         device_info()
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", _fake_cudart(8, 7))
-    assert device_info() == DeviceInfo("10.3.0", "8.7")
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", _fake_cudart(8, 7, "Orin", 16))
+    assert device_info() == DeviceInfo(fake_trt.surface.version, "8.7", "Orin", 16)
 
 
 # ============================================================================ cache keys
@@ -117,12 +123,17 @@ def test_engine_key_is_stable_and_every_field_changes_it(tmp_path):
         engine_cache_key(data, **{**KEY_ARGS, "dla_core": 1}),
         engine_cache_key(data, **{**KEY_ARGS, "extra": {"a": 2}}),
         engine_cache_key(data, **{**KEY_ARGS, "extra": None}),
+        # Orin Nano, NX and AGX all report 8.7: the module (name, SM count) is part of the key.
+        engine_cache_key(data, **{**KEY_ARGS, "device_name": "Orin"}),
+        engine_cache_key(data, **{**KEY_ARGS, "device_name": "Orin", "sm_count": 8}),
+        engine_cache_key(data, **{**KEY_ARGS, "device_name": "Orin", "sm_count": 16}),
     ]
     assert len(set(changed + [key])) == len(changed) + 1
     # ...and so does the key schema (old caches rebuild when the key's meaning changes).
     k = engine_key(data, **KEY_ARGS)
     assert EngineKey(**{**k.to_dict(), "schema": k.schema + 1}).digest() != key
-    for bad in ({"precision": "bf16"}, {"compute_capability": "orin"}, {"dla_core": -1}, {"trt_version": " "}):
+    for bad in ({"precision": "bf16"}, {"compute_capability": "orin"}, {"dla_core": -1}, {"trt_version": " "},
+                {"sm_count": -1}, {"sm_count": 1.5}):
         with pytest.raises(ValueError):
             engine_cache_key(data, **{**KEY_ARGS, **bad})
     assert engine_filename(key) == f"{key}.engine"
@@ -164,16 +175,29 @@ def test_find_cached_engine_never_loads_a_stale_or_foreign_engine(tmp_path):
 
 
 def test_build_options_validate():
-    assert BuildOptions().precision == "fp16"
+    assert BuildOptions().precision == "fp16" and BuildOptions().fp32_layers == "default"
     for bad in ({"precision": "int4"}, {"workspace_mb": 0}, {"dla_core": -1}, {"builder_optimization_level": 9},
-                {"dla_core": 0, "precision": "fp32"}, {"dla_core": 0, "gpu_fallback": False},
+                {"dla_core": 0, "precision": "fp32"}, {"fp32_layers": "some"},
                 {"fp32_patterns": (("(", "broken regex"),)}):
         with pytest.raises((ValueError, re.error)):
             BuildOptions(**bad)
     a, b = BuildOptions(), BuildOptions(timing_cache="/tmp/x.cache", verbose=True)
     assert a.key_fields() == b.key_fields()  # paths and logging do not change the engine
     assert BuildOptions(workspace_mb=2048).key_fields() != a.key_fields()
-    assert BuildOptions(fp32_layers=False).key_fields() != a.key_fields()
+    keys = {str(BuildOptions(fp32_layers=p).key_fields()) for p in FP32_PRESETS}
+    assert len(keys) == len(FP32_PRESETS) and BuildOptions(fp32_layers=False).fp32_layers == "none"
+    assert BuildOptions(fp32_layers=True).key_fields() == a.key_fields()
+
+
+def test_dla_rules_no_qdq_int8_and_no_forced_fp32_islands():
+    """Defect 3: TensorRT 10's DLA takes no Q/DQ, and FP32 islands cut a ViT into too many DLA loadables."""
+    with pytest.raises(ValueError, match="Q/DQ.*DLA does not take.*--dla-core"):
+        BuildOptions(precision="int8", dla_core=0)
+    dla = BuildOptions(precision="fp16", dla_core=0)
+    assert dla.fp32_layers == "none"  # DLA default: no islands
+    with pytest.raises(ValueError, match="16 loadables"):
+        BuildOptions(precision="fp16", dla_core=0, fp32_layers="default")
+    assert BuildOptions(precision="fp16", dla_core=0, gpu_fallback=False).gpu_fallback is False
 
 
 # ============================================================================ FP32 islands (pure)
@@ -213,260 +237,42 @@ def test_select_fp32_layers():
         "/backbone/blocks.0/attn/Softmax": "softmax",
         "/backbone/blocks.0/Add": "residual add",
     }
+    # Presets (--fp32-layers) drop whole rules; "no-softmax" only the Softmax.
+    assert select_fp32_layers(layers, preset="no-softmax") == {
+        k: v for k, v in chosen.items() if v != "softmax"}
+    assert set(select_fp32_layers(layers, preset="head").values()) == {"score head"}
+    assert select_fp32_layers(layers, preset="none") == {}
+    with pytest.raises(ValueError, match="preset"):
+        select_fp32_layers(layers, preset="all")
+
+
+def test_select_fp32_layers_skips_integer_layers():
+    """Defect 4: INT32 / INT64 shape arithmetic matches the residual-add and top-level rules by
+    shape, but has no FP32 precision: only layers with all-float I/O are constrained."""
+    layers = [
+        LayerDesc("/Add", "ELEMENTWISE", "SUM", 0, float_io=False),      # shape + shape at the top level
+        LayerDesc("/Mul_2", "ELEMENTWISE", "PROD", 0, float_io=False),
+        LayerDesc("/backbone/blocks.0/Add", "ELEMENTWISE", "SUM", 0, float_io=True),
+        LayerDesc("/Sub", "ELEMENTWISE", "SUB", 0),
+    ]
+    assert select_fp32_layers(layers) == {"/backbone/blocks.0/Add": "residual add", "/Sub": "score head"}
 
 
 # ============================================================================ the stub
-class _FakeTensorRT:
-    """STUB of the TensorRT 10 Python API subset ``build_engine`` uses; records every call.
-
-    The ONNX "parser" maps each ONNX node to one layer named after the node (like TensorRT's
-    parser does for the main layer of a node) and each initializer to a CONSTANT layer; ops
-    outside ``TENSORRT10_ONNX_OPS`` are parse errors.
-    """
-
-    _TYPES = {
-        "LayerNormalization": "NORMALIZATION", "Softmax": "SOFTMAX", "MatMul": "MATRIX_MULTIPLY",
-        "Gemm": "MATRIX_MULTIPLY", "Conv": "CONVOLUTION", "QuantizeLinear": "QUANTIZE",
-        "DequantizeLinear": "DEQUANTIZE", "Constant": "CONSTANT", "Reshape": "SHUFFLE", "Transpose": "SHUFFLE",
-        "Flatten": "SHUFFLE", "Squeeze": "SHUFFLE", "Unsqueeze": "SHUFFLE", "Shape": "SHAPE", "Gather": "GATHER",
-        "Slice": "SLICE", "Split": "SLICE", "Concat": "CONCATENATION", "Cast": "CAST", "Identity": "IDENTITY",
-        "TopK": "TOPK", "ReduceMean": "REDUCE", "ReduceSum": "REDUCE", "Resize": "RESIZE", "Pad": "PADDING",
-        "Erf": "UNARY", "Sqrt": "UNARY", "Neg": "UNARY", "Where": "SELECT", "Expand": "SLICE",
-        "ConstantOfShape": "FILL", "Clip": "ACTIVATION", "Relu": "ACTIVATION",
-    }
-    _ELEMENTWISE = {"Add": "SUM", "Sub": "SUB", "Mul": "PROD", "Div": "DIV", "Pow": "POW", "Max": "MAX",
-                    "Min": "MIN", "Equal": "EQUAL"}
-
-    def __init__(self, version: str = "10.3.0", num_dla_cores: int = 2) -> None:
-        self.calls: list[tuple] = []
-        self.module = self._make(version, num_dla_cores)
-
-    def names(self) -> list[str]:
-        return [c[0] for c in self.calls]
-
-    def _make(self, version: str, num_dla_cores: int) -> types.ModuleType:  # noqa: C901 - one stub
-        calls = self.calls
-        fake = self
-        trt = types.ModuleType("tensorrt")
-        trt.__version__ = version
-
-        class DataType(enum.Enum):
-            FLOAT = 0
-            HALF = 1
-            INT8 = 2
-            INT32 = 3
-            INT64 = 4
-
-        trt.DataType = DataType
-        trt.float32, trt.float16, trt.int8, trt.int32, trt.int64 = (
-            DataType.FLOAT, DataType.HALF, DataType.INT8, DataType.INT32, DataType.INT64)
-        trt.LayerType = enum.Enum("LayerType", sorted(set(self._TYPES.values()) | {"ELEMENTWISE"}))
-        trt.ElementWiseOperation = enum.Enum("ElementWiseOperation", sorted(set(self._ELEMENTWISE.values())))
-        trt.BuilderFlag = enum.IntEnum("BuilderFlag", "FP16 INT8 OBEY_PRECISION_CONSTRAINTS GPU_FALLBACK")
-        trt.NetworkDefinitionCreationFlag = enum.IntEnum(
-            "NetworkDefinitionCreationFlag", {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1})
-        trt.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")
-        trt.DeviceType = enum.Enum("DeviceType", "GPU DLA")
-
-        class Logger:
-            VERBOSE, WARNING = "VERBOSE", "WARNING"
-
-            def __init__(self, severity: str) -> None:
-                calls.append(("Logger", severity))
-
-        class Tensor:
-            def __init__(self, name: str, dtype: DataType, shape=()) -> None:
-                self.name, self.dtype, self.shape = name, dtype, tuple(shape)
-
-        class ILayer:
-            def __init__(self, name: str, kind: str, inputs: list, outputs: list, op: str | None = None) -> None:
-                self.name, self.type, self._inputs, self._outputs = name, trt.LayerType[kind], inputs, outputs
-                self._op = op
-                self._precision = None
-                self.output_types: dict[int, DataType] = {}
-
-            num_inputs = property(lambda self: len(self._inputs))
-            num_outputs = property(lambda self: len(self._outputs))
-
-            def get_input(self, i: int):
-                return self._inputs[i]
-
-            def get_output(self, j: int):
-                return self._outputs[j]
-
-            @property
-            def precision(self):
-                return self._precision
-
-            @precision.setter
-            def precision(self, value) -> None:
-                calls.append(("layer.precision", self.name, value))
-                self._precision = value
-
-            def set_output_type(self, j: int, dtype) -> None:
-                calls.append(("layer.set_output_type", self.name, j, dtype))
-                self.output_types[j] = dtype
-
-        class IElementWiseLayer(ILayer):
-            @property
-            def op(self):
-                return trt.ElementWiseOperation[self._op]
-
-        trt.ILayer, trt.IElementWiseLayer = ILayer, IElementWiseLayer
-
-        class Network:
-            def __init__(self, flags: int) -> None:
-                self.flags, self.layers, self.inputs = flags, [], []
-
-            num_layers = property(lambda self: len(self.layers))
-            num_inputs = property(lambda self: len(self.inputs))
-
-            def get_layer(self, i: int):
-                return self.layers[i]
-
-            def get_input(self, i: int):
-                return self.inputs[i]
-
-        class ParserError:
-            def __init__(self, index: int, node) -> None:
-                self._index, self._node = index, node
-
-            def node(self) -> int:
-                return self._index
-
-            def node_name(self) -> str:
-                return self._node.name
-
-            def node_operator(self) -> str:
-                return self._node.op_type
-
-            def desc(self) -> str:
-                return f"No importer registered for op: {self._node.op_type}"
-
-        class OnnxParser:
-            def __init__(self, network: Network, logger: Logger) -> None:
-                self.network, self.errors = network, []
-
-            @property
-            def num_errors(self) -> int:
-                return len(self.errors)
-
-            def get_error(self, i: int):
-                return self.errors[i]
-
-            def parse_from_file(self, path: str) -> bool:
-                calls.append(("parse_from_file", path))
-                model = onnx.load(path)
-                tensors: dict[str, Tensor] = {}
-                init_names = {t.name for t in model.graph.initializer}
-                for vi in model.graph.input:
-                    if vi.name in init_names:
-                        continue
-                    dtype = trt.float16 if vi.type.tensor_type.elem_type == TensorProto.FLOAT16 else trt.float32
-                    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
-                    tensors[vi.name] = Tensor(vi.name, dtype, dims)
-                    self.network.inputs.append(tensors[vi.name])
-                for init in model.graph.initializer:
-                    out = tensors[init.name] = Tensor(init.name, trt.float32)
-                    self.network.layers.append(ILayer(init.name, "CONSTANT", [], [out]))
-                for index, node in enumerate(model.graph.node):
-                    if node.op_type not in TENSORRT10_ONNX_OPS:
-                        self.errors.append(ParserError(index, node))
-                        return False
-                    outs = []
-                    for j, name in enumerate(node.output):
-                        int_out = (node.op_type == "TopK" and j == 1) or node.op_type == "Shape"
-                        outs.append(Tensor(name, trt.int32 if int_out else trt.float32))
-                        tensors[name] = outs[-1]
-                    ins = [tensors.get(i) for i in node.input if i]
-                    if node.op_type in fake._ELEMENTWISE:
-                        layer = ILayer(node.name, "ELEMENTWISE", ins, outs, fake._ELEMENTWISE[node.op_type])
-                    else:
-                        layer = ILayer(node.name, fake._TYPES.get(node.op_type, "SELECT"), ins, outs)
-                    self.network.layers.append(layer)
-                return True
-
-        class TimingCache:
-            def __init__(self, data: bytes) -> None:
-                self.data = data
-
-            def serialize(self) -> bytes:
-                calls.append(("timing_cache.serialize",))
-                return b"timing-cache-v2:" + self.data
-
-        class BuilderConfig:
-            def __init__(self) -> None:
-                self.flags: set = set()
-                self.pools: dict = {}
-                self.default_device_type = trt.DeviceType.GPU
-                self.DLA_core = -1
-                self.builder_optimization_level = 3
-                self._cache = None
-
-            def set_flag(self, flag) -> None:
-                calls.append(("set_flag", flag.name))
-                self.flags.add(flag.name)
-
-            def set_memory_pool_limit(self, pool, size: int) -> None:
-                calls.append(("set_memory_pool_limit", pool.name, size))
-                self.pools[pool.name] = size
-
-            def create_timing_cache(self, data: bytes):
-                calls.append(("create_timing_cache", bytes(data)))
-                return TimingCache(bytes(data))
-
-            def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
-                calls.append(("set_timing_cache", cache.data, ignore_mismatch))
-                if cache.data.startswith(b"foreign"):
-                    return False
-                self._cache = cache
-                return True
-
-            def get_timing_cache(self):
-                return self._cache
-
-        class Builder:
-            num_DLA_cores = num_dla_cores
-
-            def __init__(self, logger: Logger) -> None:
-                calls.append(("Builder",))
-
-            def create_network(self, flags: int):
-                calls.append(("create_network", flags))
-                fake.network = Network(flags)
-                return fake.network
-
-            def create_builder_config(self):
-                calls.append(("create_builder_config",))
-                fake.config = BuilderConfig()
-                return fake.config
-
-            def build_serialized_network(self, network, config):
-                calls.append(("build_serialized_network",))
-                state = {"flags": sorted(config.flags), "device": config.default_device_type.name,
-                         "dla": config.DLA_core}
-                return b"FAKE-ENGINE" + json.dumps(state).encode()
-
-        class Runtime:
-            def __init__(self, logger: Logger) -> None:
-                pass
-
-            def deserialize_cuda_engine(self, data: bytes):
-                calls.append(("deserialize_cuda_engine", len(data)))
-                return object() if data.startswith(b"FAKE-ENGINE") else None
-
-        trt.Logger, trt.Builder, trt.OnnxParser, trt.Runtime = Logger, Builder, OnnxParser, Runtime
-        return trt
+# FakeTensorRT (tests/trt_stub.py) refuses every name the chosen real TensorRT version lacks; the
+# builder tests run once per surface: 10.3 (JetPack 6), 10.16 (latest 10.x), 11.4 (latest 11.x).
+_FakeTensorRT = FakeTensorRT
 
 
-@pytest.fixture
-def fake_trt(monkeypatch):
-    """Install a fresh TensorRT 10 stub as ``tensorrt``; the test may swap it for another version."""
-    stub = _FakeTensorRT()
+@pytest.fixture(params=SURFACES)
+def fake_trt(request, monkeypatch):
+    """A fresh stub of one real TensorRT surface as ``tensorrt``; ``install`` swaps in another one."""
+    label = request.param
+    stub = FakeTensorRT(label)
     monkeypatch.setitem(sys.modules, "tensorrt", stub.module)
 
-    def install(version: str = "10.3.0", num_dla_cores: int = 2) -> _FakeTensorRT:
-        s = _FakeTensorRT(version, num_dla_cores)
+    def install(surface: str = label, num_dla_cores: int = 2, version: str | None = None) -> FakeTensorRT:
+        s = FakeTensorRT(surface, num_dla_cores, version)
         monkeypatch.setitem(sys.modules, "tensorrt", s.module)
         return s
 
@@ -475,7 +281,7 @@ def fake_trt(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- graphs for the stub
-def _vit_block_onnx(path: Path, *, qdq: bool = False, extra_node=None, batch: int | str = 1) -> Path:
+def _vit_block_onnx(path: Path, *, qdq: bool = False, extra_nodes=(), extra_inits=(), batch: int | str = 1) -> Path:
     """A ViT block named like a torch export: LN -> Linear (+bias) -> Softmax, residual Add, score head."""
     rng = np.random.default_rng(0)
     inits = [
@@ -508,8 +314,8 @@ def _vit_block_onnx(path: Path, *, qdq: bool = False, extra_node=None, batch: in
         helper.make_node("ReduceSumSquare", ["d"], ["r"], axes=[2], keepdims=0, name="/ReduceSumSquare"),
         helper.make_node("TopK", ["r", "k"], ["score", "idx"], name="/TopK"),
     ]
-    if extra_node is not None:
-        nodes.append(extra_node)
+    nodes += list(extra_nodes)
+    inits += list(extra_inits)
     graph = helper.make_graph(
         nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 8])],
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, [batch, 3])], inits,
@@ -519,8 +325,21 @@ def _vit_block_onnx(path: Path, *, qdq: bool = False, extra_node=None, batch: in
     return path
 
 
-def _precisions(stub: _FakeTensorRT) -> dict[str, object]:
+def _precisions(stub: FakeTensorRT) -> dict[str, object]:
     return {c[1]: c[2] for c in stub.calls if c[0] == "layer.precision"}
+
+
+def _parsed_dtypes(stub: FakeTensorRT) -> dict[str, set[int]]:
+    """ONNX element types of the float I/O of each node of the ONNX the stub parsed last."""
+    from edge_ad.converters.fp16 import island_dtypes
+
+    return island_dtypes(stub.parsed, [n.name for n in stub.parsed.graph.node])
+
+
+ISLANDS = {  # the FP32 islands of _vit_block_onnx under the default preset
+    "/backbone/blocks.0/norm1/LayerNormalization", "/backbone/blocks.0/attn/Softmax", "/backbone/blocks.0/Add",
+    "/Sub", "/ReduceSumSquare", "/TopK",
+}
 
 
 # ============================================================================ builder on the stub
@@ -533,27 +352,70 @@ def test_fp16_build_sequence_flags_and_fp32_islands(fake_trt, tmp_path):
     assert out.read_bytes().startswith(b"FAKE-ENGINE")
     trt = fake_trt.module
     names = fake_trt.names()
-    # Order: builder -> network (explicit batch: flags 0 on TensorRT 10) -> parse -> config -> build -> verify.
     order = ["Builder", "create_network", "parse_from_file", "create_builder_config", "create_timing_cache",
              "set_timing_cache", "build_serialized_network", "deserialize_cuda_engine", "timing_cache.serialize"]
-    assert [n for n in names if n in order] == order
-    assert ("create_network", 0) in fake_trt.calls
-    assert fake_trt.config.flags == {"FP16", "OBEY_PRECISION_CONSTRAINTS"}  # no INT8 without Q/DQ
-    assert fake_trt.config.pools == {"WORKSPACE": 512 << 20}
+    assert fake_trt.config._pools == {"WORKSPACE": 512 << 20}
     assert ("create_timing_cache", b"previous timings") in fake_trt.calls
     assert cache.read_bytes() == b"timing-cache-v2:previous timings"  # saved back after the build
-    # FP32 islands: LayerNorm, Softmax, residual Add, the score head; not the GEMM nor its bias Add.
-    assert _precisions(fake_trt) == {
-        "/backbone/blocks.0/norm1/LayerNormalization": trt.float32,
-        "/backbone/blocks.0/attn/Softmax": trt.float32,
-        "/backbone/blocks.0/Add": trt.float32,
-        "/Sub": trt.float32,
-        "/ReduceSumSquare": trt.float32,
-        "/TopK": trt.float32,
-    }
-    out_types = [(c[1], c[2], c[3]) for c in fake_trt.calls if c[0] == "layer.set_output_type"]
-    assert ("/TopK", 0, trt.float32) in out_types and not any(n == "/TopK" and j == 1 for n, j, _ in out_types)
     assert fake_trt.config.default_device_type == trt.DeviceType.GPU
+    if not fake_trt.strongly_typed:
+        # TensorRT 10: explicit batch (flags 0) -> parse -> FP16 flag + per-layer FP32 under OBEY.
+        assert [n for n in names if n in order] == order
+        assert ("create_network", 0) in fake_trt.calls
+        assert fake_trt.config._flags == {"FP16", "OBEY_PRECISION_CONSTRAINTS"}  # no INT8 without Q/DQ
+        # FP32 islands: LayerNorm, Softmax, residual Add, the score head; not the GEMM nor its bias Add.
+        assert _precisions(fake_trt) == {name: trt.float32 for name in ISLANDS}
+        out_types = [(c[1], c[2], c[3]) for c in fake_trt.calls if c[0] == "layer.set_output_type"]
+        assert ("/TopK", 0, trt.float32) in out_types and not any(n == "/TopK" and j == 1 for n, j, _ in out_types)
+    else:
+        # TensorRT 11: strongly typed; the FP32 ONNX is parsed, converted to FP16 with FP32 islands, parsed again.
+        strongly = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        assert [c[1] for c in fake_trt.calls if c[0] == "create_network"] == [strongly, strongly]
+        parsed = [Path(c[1]).name for c in fake_trt.calls if c[0] == "parse_from_file"]
+        assert parsed == ["block.onnx", "model_fp16.onnx"]
+        assert fake_trt.config._flags == set() and not _precisions(fake_trt)
+        dtypes = _parsed_dtypes(fake_trt)
+        assert all(dtypes[n] == {TensorProto.FLOAT} for n in ISLANDS)  # the islands stay FP32
+        for gemm in ("/backbone/blocks.0/attn/qkv/MatMul", "/backbone/blocks.0/attn/qkv/Add"):
+            assert dtypes[gemm] == {TensorProto.FLOAT16}  # the rest runs FP16
+        assert any(n.op_type == "Cast" for n in fake_trt.parsed.graph.node)
+
+
+def test_fp32_presets_change_the_islands(fake_trt, tmp_path):
+    """Defect 11: the islands are a documented choice; 'no-softmax' frees the attention Softmax."""
+    onnx_path = _vit_block_onnx(tmp_path / "block.onnx")
+    softmax = "/backbone/blocks.0/attn/Softmax"
+    build_engine(onnx_path, BuildOptions(fp32_layers="no-softmax"), tmp_path / "a.engine")
+    if fake_trt.strongly_typed:
+        dtypes = _parsed_dtypes(fake_trt)
+        assert dtypes[softmax] == {TensorProto.FLOAT16} and dtypes["/backbone/blocks.0/Add"] == {TensorProto.FLOAT}
+    else:
+        assert set(_precisions(fake_trt)) == ISLANDS - {softmax}
+    stub = fake_trt.install()
+    build_engine(onnx_path, BuildOptions(fp32_layers="none"), tmp_path / "b.engine")
+    if stub.strongly_typed:
+        assert all(d == {TensorProto.FLOAT16} for n, d in _parsed_dtypes(stub).items() if n in ISLANDS - {"/TopK"})
+    else:
+        assert not _precisions(stub) and stub.config._flags == {"FP16"}  # nothing to obey
+
+
+def test_integer_shape_arithmetic_gets_no_fp32_constraint(fake_trt, tmp_path):
+    """Defect 4: a top-level Add of two INT64 shape values matches the residual-add and score-head
+    rules by name and shape; constraining it would fail (the stub raises like TensorRT)."""
+    shape_nodes = [
+        helper.make_node("Shape", ["x"], ["shp"], name="/Shape"),
+        helper.make_node("Add", ["shp", "shp"], ["shp2"], name="/Add"),
+        helper.make_node("Reshape", ["score", "shp_c"], ["score_r"], name="/Reshape"),
+    ]
+    onnx_path = _vit_block_onnx(tmp_path / "b.onnx", extra_nodes=shape_nodes,
+                                extra_inits=[numpy_helper.from_array(np.array([1, 3], np.int64), "shp_c")])
+    build_engine(onnx_path, BuildOptions(), tmp_path / "b.engine")
+    if not fake_trt.strongly_typed:
+        chosen = _precisions(fake_trt)
+        assert "/Add" not in chosen and ISLANDS <= set(chosen)
+    else:
+        dtypes = _parsed_dtypes(fake_trt)
+        assert dtypes["/Add"] == set()  # integer I/O: untouched by the FP16 conversion
 
 
 def test_int8_only_from_qdq_graphs(fake_trt, tmp_path):
@@ -567,30 +429,43 @@ def test_int8_only_from_qdq_graphs(fake_trt, tmp_path):
 
     stub = fake_trt.install()
     build_engine(qdq, BuildOptions(precision="int8"), tmp_path / "q.engine")
-    assert stub.config.flags == {"INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"}
+    if stub.strongly_typed:  # the Q/DQ ONNX as it is: types from the graph, no flags
+        assert stub.config._flags == set() and not _precisions(stub)
+        assert [Path(c[1]).name for c in stub.calls if c[0] == "parse_from_file"] == ["qdq.onnx"]
+        return
+    assert stub.config._flags == {"INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"}
     chosen = _precisions(stub)
     assert not any("Quantize" in name or "Dequantize" in name for name in chosen)  # Q/DQ untouched
     assert "/backbone/blocks.0/attn/qkv/MatMul" not in chosen
     assert "/backbone/blocks.0/norm1/LayerNormalization" in chosen and "/backbone/blocks.0/Add" in chosen
 
 
-def test_dla_with_gpu_fallback(fake_trt, tmp_path):
+def test_dla_fp16_with_gpu_fallback_and_dla_runtime(fake_trt, tmp_path):
     onnx_path = _vit_block_onnx(tmp_path / "block.onnx")
     build_engine(onnx_path, BuildOptions(precision="fp16", dla_core=1), tmp_path / "dla.engine")
     trt = fake_trt.module
     assert fake_trt.config.default_device_type == trt.DeviceType.DLA and fake_trt.config.DLA_core == 1
-    assert "GPU_FALLBACK" in fake_trt.config.flags
+    assert "GPU_FALLBACK" in fake_trt.config._flags
+    assert "OBEY_PRECISION_CONSTRAINTS" not in fake_trt.config._flags and not _precisions(fake_trt)  # no islands
+    # Defect 8: the check-deserialisation ran on a runtime set to the engine's DLA core.
+    assert [c for c in fake_trt.calls if c[0] == "deserialize_cuda_engine"][-1][2] == 1
+    if fake_trt.strongly_typed:  # FP16 graph: FP32 only where onnxruntime has no FP16 kernel (TopK)
+        fp32 = {n for n, d in _parsed_dtypes(fake_trt).items() if d == {TensorProto.FLOAT}}
+        assert fp32 == {"/TopK"}
     stub = fake_trt.install(num_dla_cores=0)  # e.g. Orin Nano: no DLA
     with pytest.raises(ValueError, match="0 DLA core"):
         build_engine(onnx_path, BuildOptions(precision="fp16", dla_core=0), tmp_path / "dla.engine")
     assert "build_serialized_network" not in stub.names()
+    with pytest.raises(ValueError, match="Q/DQ"):
+        build_engine(_vit_block_onnx(tmp_path / "q.onnx", qdq=True), BuildOptions(precision="int8", dla_core=0),
+                     tmp_path / "q.engine")
 
 
 def test_parser_errors_name_the_node(fake_trt, tmp_path):
     bad = helper.make_node("FancyOp", ["score"], ["fancy"], name="/head/FancyOp", domain="")
-    onnx_path = _vit_block_onnx(tmp_path / "bad.onnx", extra_node=bad)
+    onnx_path = _vit_block_onnx(tmp_path / "bad.onnx", extra_nodes=[bad])
     with pytest.raises(RuntimeError) as info:
-        build_engine(onnx_path, BuildOptions(), tmp_path / "bad.engine")
+        build_engine(onnx_path, BuildOptions(precision="fp32"), tmp_path / "bad.engine")
     msg = str(info.value)
     assert "node 8 /head/FancyOp FancyOp: No importer registered for op: FancyOp" in msg
     assert "check_tensorrt_compatible" in msg
@@ -600,7 +475,7 @@ def test_parser_errors_name_the_node(fake_trt, tmp_path):
 def test_dynamic_input_and_failed_build_are_errors(fake_trt, tmp_path):
     dyn = _vit_block_onnx(tmp_path / "dyn.onnx", batch="batch")
     with pytest.raises(ValueError, match="dynamic shape"):
-        build_engine(dyn, BuildOptions(), tmp_path / "dyn.engine")
+        build_engine(dyn, BuildOptions(precision="fp32"), tmp_path / "dyn.engine")
     fake_trt.module.Builder.build_serialized_network = lambda self, network, config: None
     with pytest.raises(RuntimeError, match="failed to build"):
         build_engine(_vit_block_onnx(tmp_path / "ok.onnx"), BuildOptions(), tmp_path / "ok.engine")
@@ -616,41 +491,67 @@ def test_foreign_timing_cache_is_replaced(fake_trt, tmp_path):
     assert cache.read_bytes() == b"timing-cache-v2:"
 
 
-def test_tensorrt_version_branches(fake_trt, tmp_path):
+def test_version_guards_are_what_keeps_calls_inside_each_surface(fake_trt, tmp_path):
+    """Weak-typing calls exist only in 10.x and EXPLICIT_BATCH only before 11: the code picks them
+    by version. Lying about the version proves the stub would catch an unguarded call."""
     onnx_path = _vit_block_onnx(tmp_path / "b.onnx")
-    old = fake_trt.install("8.6.1")  # JetPack 6.0: explicit batch must be requested
-    build_engine(onnx_path, BuildOptions(), tmp_path / "a.engine")
-    assert ("create_network", 1 << 0) in old.calls and old.config.flags == {"FP16", "OBEY_PRECISION_CONSTRAINTS"}
+    if fake_trt.label == "11.4":
+        fake_trt.install(version="10.99.0")  # 11.4's surface, but the code takes the TensorRT 10 branch
+        with pytest.raises(AttributeError, match=r"TensorRT 11\.4\.0\.106 has no BuilderFlag\.FP16"):
+            build_engine(onnx_path, BuildOptions(), tmp_path / "x.engine")
+        fake_trt.install(version="8.6.1")
+        with pytest.raises(AttributeError, match="has no NetworkDefinitionCreationFlag.EXPLICIT_BATCH"):
+            build_engine(onnx_path, BuildOptions(precision="fp32"), tmp_path / "x.engine")
+    else:
+        old = fake_trt.install(version="8.6.1")  # JetPack 6.0: explicit batch must be requested
+        build_engine(onnx_path, BuildOptions(), tmp_path / "a.engine")
+        assert ("create_network", 1 << 0) in old.calls
+        assert old.config._flags == {"FP16", "OBEY_PRECISION_CONSTRAINTS"}
+        with pytest.raises(AttributeError, match="ILayer.bogus is not in the checked API surfaces"):
+            old.network.get_layer(0).bogus  # noqa: B018 - a name outside the surface is refused
+    # Every TensorRT name the code references exists in at least one real surface.
+    known = set().union(*(load_surface(label)["present"] for label in SURFACES))
+    for path in ("converters/tensorrt.py", "runtime/engines/tensorrt_engine.py"):
+        for name in _trt_names_in(Path(__file__).resolve().parents[1] / path):
+            assert name in known, f"{path} uses trt.{name}, which no checked TensorRT surface has"
 
-    new = fake_trt.install("11.0.0")  # strongly typed: no precision flags, no layer precisions
-    build_engine(onnx_path, BuildOptions(precision="fp32"), tmp_path / "b.engine")
-    assert ("create_network", 1 << 1) in new.calls
-    assert new.config.flags == set() and not _precisions(new)
-    with pytest.raises(ValueError, match="strongly typed"):
-        build_engine(onnx_path, BuildOptions(precision="fp16"), tmp_path / "c.engine")
+
+def _trt_names_in(path: Path) -> set[str]:
+    """``X`` / ``X.Y`` of every ``trt.X[.Y]`` attribute chain in a source file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "trt":
+            names.add(f"{node.value.attr}.{node.attr}")
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "trt":
+            if not node.attr.startswith("__"):
+                names.add(node.attr)
+    return names
 
 
 def test_get_or_build_engine_uses_the_cache_by_key(fake_trt, tmp_path):
     onnx_path = _vit_block_onnx(tmp_path / "b.onnx")
     engines = tmp_path / "engines"
-    orin = DeviceInfo("10.3.0", "8.7")
-    first = get_or_build_engine(onnx_path, BuildOptions(), engines, device=orin)
+    nano = DeviceInfo("10.3.0", "8.7", "Orin", 8)
+    first = get_or_build_engine(onnx_path, BuildOptions(), engines, device=nano)
     assert fake_trt.names().count("build_serialized_network") == 1
     assert first.name == engine_filename(first.stem) and first.with_suffix(".json").is_file()
-    assert get_or_build_engine(onnx_path, BuildOptions(), engines, device=orin) == first
+    assert get_or_build_engine(onnx_path, BuildOptions(), engines, device=nano) == first
     assert fake_trt.names().count("build_serialized_network") == 1  # cached
-    # Another precision, TensorRT version or GPU is another engine.
-    for device, options in ((orin, BuildOptions(precision="fp32")), (DeviceInfo("10.7.0", "8.7"), BuildOptions()),
-                            (DeviceInfo("10.3.0", "8.9"), BuildOptions())):
+    # Another precision, TensorRT version, GPU or Jetson module (same 8.7) is another engine.
+    for device, options in ((nano, BuildOptions(precision="fp32")), (DeviceInfo("10.7.0", "8.7", "Orin", 8),
+                            BuildOptions()), (DeviceInfo("10.3.0", "8.9", "NVIDIA L4", 58), BuildOptions()),
+                            (DeviceInfo("10.3.0", "8.7", "Orin", 16), BuildOptions())):
         assert get_or_build_engine(onnx_path, options, engines, device=device) != first
-    assert fake_trt.names().count("build_serialized_network") == 4
-    assert len(list(engines.glob("*.engine"))) == 4
+    assert fake_trt.names().count("build_serialized_network") == 5
+    assert len(list(engines.glob("*.engine"))) == 5
 
 
-def test_real_foundad_qdq_graph_on_the_stub(monkeypatch, tmp_path, real_root):
-    """The islands on an actual exported + quantised FoundAD graph (tiny random-init DINOv3).
+@pytest.fixture(scope="module")
+def foundad_qdq(real_root, tmp_path_factory):
+    """An actual exported + quantised FoundAD graph (tiny random-init DINOv3) and its FP32 ONNX.
 
-    The stub is installed only after the export: torch's exporter probes ``find_spec("tensorrt")``.
+    Made before any stub is installed: torch's exporter probes ``find_spec("tensorrt")``.
     """
     from edge_ad.converters.qdq import quantize_qdq
     from edge_ad.methods import build_detector
@@ -663,16 +564,26 @@ def test_real_foundad_qdq_graph_on_the_stub(monkeypatch, tmp_path, real_root):
         projector_dim=32, projector_depth=1, projector_heads=2, top_k=3, smoothing_sigma=1.0).eval()
     good = sorted((real_root / "mvtec_hazelnut_256" / "train" / "good").glob("*.png"))[:4]
     images = preprocess_batch([read_image(p) for p in good], det.preprocess_spec, color_order="rgb")
+    tmp_path = tmp_path_factory.mktemp("foundad_trt")
     fp32 = tmp_path / "det.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(det, (torch.from_numpy(images[:1]),), str(fp32), dynamo=False, opset_version=17,
                           input_names=["images"], output_names=["anomaly_map", "score"])
-    result = quantize_qdq(fp32, tmp_path / "det_q.onnx", images)
-    fake_trt = _FakeTensorRT()
+    return quantize_qdq(fp32, tmp_path / "det_q.onnx", images)
+
+
+@pytest.mark.parametrize("label", SURFACES)
+def test_real_foundad_qdq_graph_on_the_stub(monkeypatch, tmp_path, foundad_qdq, label):
+    """The islands on the real FoundAD Q/DQ graph: per-layer FP32 on 10.x; as-is strongly typed on 11."""
+    result = foundad_qdq
+    fake_trt = FakeTensorRT(label)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt.module)
     build_engine(result.onnx_path, BuildOptions(precision="int8"), tmp_path / "det.engine")
-    assert fake_trt.config.flags == {"INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"}
+    if fake_trt.strongly_typed:
+        assert fake_trt.config._flags == set() and not _precisions(fake_trt)
+        return
+    assert fake_trt.config._flags == {"INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"}
 
     model = onnx.load(str(result.onnx_path))
     inits = {t.name for t in model.graph.initializer}
@@ -692,3 +603,26 @@ def test_real_foundad_qdq_graph_on_the_stub(monkeypatch, tmp_path, real_root):
     assert not any(n in chosen for n in result.quantized_nodes)
     assert not any(n.name in chosen for n in by_type["QuantizeLinear"] + by_type["DequantizeLinear"])
     assert all(n.name in chosen for n in by_type["TopK"] + [m for m in model.graph.node if m.name == "/Sub"])
+
+
+def test_real_foundad_fp16_onnx_keeps_vit_islands(foundad_qdq, tmp_path):
+    """TensorRT 11 FP16 path on the real FoundAD (ViT) export: LayerNorm, Softmax and the residual
+    adds stay FP32 in the converted ONNX; the GEMMs are FP16; 'no-softmax' frees the Softmax."""
+    from edge_ad.converters.fp16 import convert_fp16, island_dtypes, onnx_layers
+
+    fp32 = foundad_qdq.onnx_path.parent / "det.onnx"
+    conv = convert_fp16(fp32, tmp_path / "det16.onnx")
+    model = onnx.load(str(conv.path))
+    types = island_dtypes(model, [n.name for n in model.graph.node])
+    by_type: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        by_type.setdefault(n.op_type, []).append(n.name)
+    for op in ("LayerNormalization", "Softmax"):
+        assert by_type[op] and all(types[n] == {TensorProto.FLOAT} for n in by_type[op]), op
+    residual = [d.name for d in onnx_layers(onnx.load(str(fp32))) if d.type == "ELEMENTWISE" and d.op == "SUM"
+                and d.constant_inputs == 0 and d.float_io]
+    assert len(residual) >= 5 and all(types[n] == {TensorProto.FLOAT} for n in residual)
+    assert sum(types[n] == {TensorProto.FLOAT16} for n in by_type["MatMul"]) >= len(by_type["MatMul"]) - 2
+    free = island_dtypes(onnx.load(str(convert_fp16(fp32, tmp_path / "ns.onnx", fp32_layers="no-softmax").path)),
+                         by_type["Softmax"])
+    assert all(t == {TensorProto.FLOAT16} for t in free.values())

@@ -1,15 +1,18 @@
 """The TensorRT runtime engine (edge_ad.runtime.engines.tensorrt_engine) against STUBS.
 
-TensorRT and a GPU are not available here, so two stubs stand in:
+TensorRT and a GPU are not available here, so stubs stand in:
 
 * ``_FakeCudart``: cuda-python's ``cuda.bindings.runtime`` API subset the engine uses. "Device"
   memory is ordinary host memory (real addresses, so the engine's pointer handling is exercised);
   async copies and kernels are queued per stream and run when an event on that stream is waited
-  for, so a result that is read before ``wait`` shows up as wrong data.
-* ``_FakeTensorRT`` from ``test_tensorrt.py`` (the TensorRT 10 builder stub) plus a runtime whose
-  deserialized engine lists the I/O tensors of the bundle's ONNX (outputs in REVERSED order, to
-  prove outputs are picked by the manifest's names) and whose ``execute_async_v3`` runs that ONNX
-  with onnxruntime on the bound device addresses.
+  for, so a result that is read before ``wait`` shows up as wrong data. The current device is
+  per thread, as in CUDA, and every call records the device current when it was made.
+* ``_FakePycuda``: the pycuda driver subset (fallback, teardown of page-locked arrays).
+* ``FakeTensorRT`` (``tests/trt_stub.py``), restricted to a real TensorRT API surface (10.3,
+  10.16, 11.4: every engine test runs once per surface), plus a runtime whose deserialized engine
+  lists the I/O tensors of the bundle's ONNX (outputs in REVERSED order, to prove outputs are
+  picked by the manifest's names) and whose ``execute_async_v3`` runs that ONNX with onnxruntime
+  on the bound device addresses.
 
 These tests prove the engine's logic: engine cache / build / rebuild, tensor binding per slot,
 page-locked slot buffers, stream ordering, the async slot contract, output order, the GPU
@@ -22,6 +25,7 @@ import ctypes
 import enum
 import shutil
 import sys
+import threading
 import types
 
 import numpy as np
@@ -29,9 +33,9 @@ import pytest
 
 from edge_ad.converters.convert import convert
 from edge_ad.runtime import Detector, preprocess_batch, read_image
-from edge_ad.runtime.cuda import CUDA_MISSING, CudaError
+from edge_ad.runtime.cuda import CUDA_BINDINGS_HINT, CUDA_MISSING, CudaError, load_cuda
 from edge_ad.runtime.engines.tensorrt_engine import TENSORRT_RUNTIME_MISSING, TensorRTEngine
-from test_tensorrt import _FakeTensorRT  # the TensorRT 10 builder stub (not TensorRT)
+from trt_stub import SURFACES, FakeTensorRT  # the TensorRT stub on real API surfaces (not TensorRT)
 
 ort = pytest.importorskip("onnxruntime")
 CATEGORY = "mvtec_hazelnut_256"
@@ -42,13 +46,17 @@ _CUDA_MODULES = ("cuda.bindings.runtime", "cuda.cudart", "pycuda", "pycuda.drive
 class _FakeCudart:
     """cuda-python runtime stub: host memory as "device" memory, per-stream queues run on event sync."""
 
-    def __init__(self, cc: tuple[int, int] = (8, 9)) -> None:
+    def __init__(self, cc: tuple[int, int] = (8, 9), name: str = "NVIDIA L4", sms: int = 58,
+                 set_device_error: str | None = None) -> None:
         self.blocks: dict[int, tuple[object, str, int]] = {}
+        self.current = threading.local()  # cudaSetDevice is per thread
+        self.devices: list[tuple[str, int | None]] = []  # (call, device current on the calling thread)
         self.freed: list[object] = []  # keep freed memory alive: a dangling numpy view must not crash the test
         self.queues: dict[int, list] = {}
         self.log: list[tuple] = []
         m = self.module = types.ModuleType("cuda.bindings.runtime")
-        m.cudaError_t = enum.Enum("cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidValue": 1})
+        m.cudaError_t = enum.Enum("cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidValue": 1,
+                                                  "cudaErrorInsufficientDriver": 35})
         m.cudaMemcpyKind = enum.Enum("cudaMemcpyKind", {"cudaMemcpyHostToDevice": 1, "cudaMemcpyDeviceToHost": 2})
         m.cudaDeviceAttr = enum.Enum("cudaDeviceAttr",
                                      "cudaDevAttrComputeCapabilityMajor cudaDevAttrComputeCapabilityMinor")
@@ -102,21 +110,43 @@ class _FakeCudart:
             fake.flush(event.stream)
             return (ok,)
 
-        def attribute(attr, device):
-            return ok, cc[0] if attr.name.endswith("Major") else cc[1]
+        def set_device(device):
+            if set_device_error:  # e.g. cuda-python 13 on a CUDA 12 driver: fails at the first call
+                return (m.cudaError_t[set_device_error],)
+            fake.current.device = device
+            return (ok,)
 
-        m.cudaSetDevice = lambda device: (ok,)
-        m.cudaHostAlloc = lambda size, flags: alloc("host", size)
-        m.cudaMalloc = lambda size: alloc("device", size)
-        m.cudaFree = m.cudaFreeHost = free
-        m.cudaMemcpyAsync = memcpy
-        m.cudaStreamCreateWithFlags = stream_create
+        def stream_sync(stream):
+            fake.log.append(("stream_sync", int(stream)))
+            fake.flush(int(stream))
+            return (ok,)
+
+        def traced(name, fn):
+            def call(*args):
+                fake.devices.append((name, getattr(fake.current, "device", None)))
+                return fn(*args)
+            return call
+
+        props = types.SimpleNamespace(name=name.encode() + b"\x00\x00", major=cc[0], minor=cc[1],
+                                      multiProcessorCount=sms)
+        m.cudaSetDevice = set_device
+        m.cudaGetDevice = lambda: (ok, getattr(fake.current, "device", 0))
+        m.cudaGetDeviceProperties = lambda device: (ok, props)
+        m.cudaHostAlloc = traced("cudaHostAlloc", lambda size, flags: alloc("host", size))
+        m.cudaMalloc = traced("cudaMalloc", lambda size: alloc("device", size))
+        m.cudaFree = traced("cudaFree", free)
+        m.cudaFreeHost = traced("cudaFreeHost", free)
+        m.cudaMemcpyAsync = traced("cudaMemcpyAsync", memcpy)
+        m.cudaStreamCreateWithFlags = traced("cudaStreamCreateWithFlags", stream_create)
         m.cudaStreamDestroy = lambda s: (ok,)
+        m.cudaStreamSynchronize = traced("cudaStreamSynchronize", stream_sync)
         m.cudaEventCreateWithFlags = lambda flags: (ok, Handle())
         m.cudaEventDestroy = lambda e: (ok,)
-        m.cudaEventRecord = event_record
-        m.cudaEventSynchronize = event_sync
-        m.cudaDeviceGetAttribute = attribute
+        m.cudaEventRecord = traced("cudaEventRecord", event_record)
+        m.cudaEventSynchronize = traced("cudaEventSynchronize", event_sync)
+
+    def device_now(self) -> int | None:
+        return getattr(self.current, "device", None)
 
     def kind_of(self, addr: int, nbytes: int) -> str | None:
         for start, (_, kind, size) in self.blocks.items():
@@ -138,56 +168,123 @@ class _FakeCudart:
         return sum(len(q) for q in self.queues.values())
 
 
+class _FakePycuda:
+    """pycuda.driver stub: one device ("Orin", 8.7, 8 SMs); records frees and synchronisations."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        fake = self
+        m = self.module = types.ModuleType("pycuda.driver")
+
+        class Allocation:
+            def __init__(self, kind: str) -> None:
+                self.kind, self.freed = kind, False
+
+            def free(self) -> None:
+                fake.log.append(f"{self.kind}.free")
+                self.freed = True
+
+        class DeviceAllocation(Allocation):
+            def __int__(self) -> int:
+                return id(self)
+
+        class Stream:
+            handle = 7
+
+            def synchronize(self) -> None:
+                fake.log.append("stream.synchronize")
+
+        class Context:
+            push = staticmethod(lambda: None)
+            pop = staticmethod(lambda: None)
+            synchronize = staticmethod(lambda: None)
+
+        class Device:
+            def __init__(self, i: int) -> None:
+                self.i = i
+
+            def retain_primary_context(self):
+                return Context()
+
+            compute_capability = lambda self: (8, 7)  # noqa: E731
+            name = lambda self: "Orin"  # noqa: E731
+            get_attribute = lambda self, attr: 8  # noqa: E731
+
+        def pagelocked_empty(shape, dtype):
+            # Like pycuda: the array's .base is the allocation object, which has .free().
+            n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            owner = type("HostAllocation", (ctypes.Array,), {"_type_": ctypes.c_char, "_length_": max(n, 1)})()
+            alloc = Allocation("host")
+            owner.free, owner.allocation = alloc.free, alloc
+            arr = np.frombuffer(owner, dtype, count=n // np.dtype(dtype).itemsize)
+            arr.shape = tuple(shape)
+            return arr
+
+        m.init = lambda: None
+        m.Device, m.Context, m.Stream, m.DeviceAllocation = Device, Context, Stream, DeviceAllocation
+        m.device_attribute = types.SimpleNamespace(MULTIPROCESSOR_COUNT="MULTIPROCESSOR_COUNT")
+        m.pagelocked_empty = pagelocked_empty
+        m.mem_alloc = lambda n: DeviceAllocation("device")
+        m.Event = lambda: object()
+
+
 class _Stubs:
     """TensorRT builder stub + a runtime whose engine runs the bundle's ONNX with onnxruntime."""
 
-    def __init__(self, monkeypatch, onnx_path, cuda: _FakeCudart, version: str = "10.3.0") -> None:
+    def __init__(self, monkeypatch, onnx_path, cuda: _FakeCudart, surface: str = "10.3",
+                 version: str | None = None) -> None:
         self.cuda = cuda
-        self.trt = _FakeTensorRT(version)
+        self.trt = FakeTensorRT(surface, version=version)
         self.contexts: list = []
         self.fail_deserialize = 0  # make the next N deserializations fail (engine from another driver...)
         trt = self.trt.module
-        trt.TensorIOMode = enum.Enum("TensorIOMode", "INPUT OUTPUT")
-        trt.nptype = lambda dt: {"FLOAT": np.float32, "HALF": np.float16}[dt.name]
+        object.__setattr__(trt, "nptype", lambda dt: {"FLOAT": np.float32, "HALF": np.float16}[dt.name])
+        G = trt._Guarded  # public attributes must exist on the real class of this TensorRT version
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         stubs = self
 
-        class Context:
+        class Context(G):
+            _trt_names = ("IExecutionContext",)
+
             def __init__(self) -> None:
-                self.addresses: dict[str, int] = {}
-                self.streams: list[int] = []
+                self._addresses: dict[str, int] = {}
+                self._streams: list[int] = []
+                self._devices: list[int | None] = []  # current CUDA device of the enqueuing thread
                 stubs.contexts.append(self)
 
             def set_tensor_address(self, name: str, address: int) -> bool:
-                self.addresses[name] = int(address)
+                self._addresses[name] = int(address)
                 return True
 
             def execute_async_v3(self, stream_handle: int) -> bool:
                 assert isinstance(stream_handle, int)
-                self.streams.append(stream_handle)
+                self._streams.append(stream_handle)
+                self._devices.append(cuda.device_now())
                 inp = session.get_inputs()[0]
 
                 def kernel() -> None:
-                    x = cuda.array(self.addresses[inp.name], inp.shape).copy()
+                    x = cuda.array(self._addresses[inp.name], inp.shape).copy()
                     for o, value in zip(session.get_outputs(), session.run(None, {inp.name: x})):
-                        cuda.array(self.addresses[o.name], o.shape)[...] = value
+                        cuda.array(self._addresses[o.name], o.shape)[...] = value
 
                 cuda.queues[stream_handle].append(kernel)
                 return True
 
-        class Engine:
+        class Engine(G):
+            _trt_names = ("ICudaEngine",)
+
             def __init__(self) -> None:
                 outs = session.get_outputs()[::-1]  # reversed: the engine must pick outputs by name
-                self.tensors = [(session.get_inputs()[0], trt.TensorIOMode.INPUT)] + [
+                self._tensors = [(session.get_inputs()[0], trt.TensorIOMode.INPUT)] + [
                     (o, trt.TensorIOMode.OUTPUT) for o in outs]
 
-            num_io_tensors = property(lambda self: len(self.tensors))
+            num_io_tensors = property(lambda self: len(self._tensors))
 
             def get_tensor_name(self, i: int) -> str:
-                return self.tensors[i][0].name
+                return self._tensors[i][0].name
 
             def _get(self, name):
-                return next(t for t in self.tensors if t[0].name == name)
+                return next(t for t in self._tensors if t[0].name == name)
 
             def get_tensor_mode(self, name):
                 return self._get(name)[1]
@@ -201,18 +298,17 @@ class _Stubs:
             def create_execution_context(self):
                 return Context()
 
-        class Runtime:
-            def __init__(self, logger) -> None:
-                pass
+        BuilderRuntime = trt.Runtime  # the builder's own check: DLA engines need runtime.DLA_core
 
+        class Runtime(BuilderRuntime):
             def deserialize_cuda_engine(self, data: bytes):
-                stubs.trt.calls.append(("deserialize_cuda_engine", len(data)))
                 if stubs.fail_deserialize:
+                    stubs.trt.calls.append(("deserialize_cuda_engine", len(data), self._dla()))
                     stubs.fail_deserialize -= 1
                     return None
-                return Engine() if bytes(data).startswith(b"FAKE-ENGINE") else None
+                return Engine() if BuilderRuntime.deserialize_cuda_engine(self, data) is not None else None
 
-        trt.Runtime = Runtime
+        object.__setattr__(trt, "Runtime", Runtime)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cuda.module)
 
@@ -233,9 +329,9 @@ def bundle(base_bundle, tmp_path):
     return shutil.copytree(base_bundle, tmp_path / "bundle")  # engines/ is written into it
 
 
-@pytest.fixture
-def stubs(monkeypatch, bundle):
-    return _Stubs(monkeypatch, bundle / "model.onnx", _FakeCudart())
+@pytest.fixture(params=SURFACES)
+def stubs(request, monkeypatch, bundle):
+    return _Stubs(monkeypatch, bundle / "model.onnx", _FakeCudart(), surface=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +364,7 @@ def test_missing_tensorrt_or_cuda_bindings_say_what_to_install(bundle, monkeypat
         Detector.load(bundle)  # create_engine's "tensorrt" branch
     assert "pip install edge-ad[tensorrt]" in str(info.value) and "JetPack" in str(info.value)
     assert str(info.value).startswith(TENSORRT_RUNTIME_MISSING)
-    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTensorRT().module)
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT().module)
     for name in _CUDA_MODULES:
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError) as info:
@@ -281,7 +377,7 @@ def test_real_cuda_python_without_a_gpu_is_a_clear_error(bundle, monkeypatch):
         import cuda.bindings.runtime  # noqa: F401  (the real package, when installed)
     except ImportError:
         pytest.skip("cuda-python is not installed here")
-    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTensorRT().module)
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT().module)
     with pytest.raises(CudaError, match="cudaSetDevice failed: cudaError"):
         TensorRTEngine(load_b(bundle))
 
@@ -297,7 +393,7 @@ def test_detector_on_tensorrt_builds_once_and_matches_the_onnx(bundle, stubs, fr
     assert det.engine.name == "tensorrt" and stubs.builds() == 1
     eng = det.engine
     assert eng.engine_path.parent == bundle / "engines" and eng.engine_path.is_file()
-    assert eng.version == "10.3.0" and eng.device == "GPU:0" and eng.batch == 1
+    assert eng.version == stubs.trt.surface.version and eng.device == "GPU:0" and eng.batch == 1
     # Outputs are picked by the manifest's names although the engine lists them reversed.
     manifest_names = [o.name for o in det.bundle.manifest.outputs]
     assert eng.output_names == manifest_names[::-1]
@@ -323,8 +419,8 @@ def test_slots_buffers_bindings_and_async_contract(bundle, stubs, frames):
     assert len({b.ctypes.data for b in bufs}) == 3
     # Every context has every I/O tensor bound to its own device buffers.
     names = set(eng.input_names + eng.output_names)
-    addresses = [a for c in stubs.contexts for a in c.addresses.values()]
-    assert all(set(c.addresses) == names for c in stubs.contexts)
+    addresses = [a for c in stubs.contexts for a in c._addresses.values()]
+    assert all(set(c._addresses) == names for c in stubs.contexts)
     assert len(set(addresses)) == 3 * len(names) and all(cuda.kind_of(a, 4) == "device" for a in addresses)
     assert eng.input_buffer(1).ctypes.data == bufs[0].ctypes.data  # the sync API is slot 0
 
@@ -333,7 +429,7 @@ def test_slots_buffers_bindings_and_async_contract(bundle, stubs, frames):
     preprocess_batch(frames[:1], spec, out=eng.slot_buffer(1, 1))
     eng.start(1, 1)
     assert cuda.pending() == 4  # H2D, kernel, 2 x D2H queued on slot 1's stream, nothing run yet
-    assert stubs.contexts[1].streams == [eng._cuda.stream_handle(eng._slots[1].stream)]
+    assert stubs.contexts[1]._streams == [eng._cuda.stream_handle(eng._slots[1].stream)]
     preprocess_batch(frames[1:2], spec, out=eng.slot_buffer(2, 1))
     eng.start(2, 1)
     m2, s2 = eng.wait(2)
@@ -388,7 +484,8 @@ def test_engine_cache_rebuild_and_errors(bundle, stubs, monkeypatch):
     with pytest.raises(RuntimeError, match="cannot deserialize .*edge-ad build-engine .* --force"):
         TensorRTEngine(b, build=False)
     # Another TensorRT version: another key, another build.
-    stubs2 = _Stubs(monkeypatch, bundle / "model.onnx", _FakeCudart(), version="10.4.0")
+    stubs2 = _Stubs(monkeypatch, bundle / "model.onnx", _FakeCudart(), surface=stubs.trt.label,
+                    version=stubs.trt.surface.version + ".1")
     TensorRTEngine(b)
     assert stubs2.builds() == 1
     with pytest.raises(ValueError, match="has no DLA cores"):
@@ -403,7 +500,8 @@ def test_gpu_preprocessing_writes_the_device_input(bundle, stubs, frames, monkey
     """With a CUDA-built extension, preprocess goes to the device buffer and start skips the copy in.
 
     The kernel is replaced by the CPU preprocessing writing into the fake device memory: this
-    tests the hand-off (pointer, dtype, stream, no H2D copy), not the CUDA kernel.
+    tests the hand-off (pointer, dtype, stream, device, persistent scratch, no H2D copy, CPU
+    fallback), not the CUDA kernel.
     """
     import edge_ad.runtime.preprocessing as pre
 
@@ -416,6 +514,7 @@ def test_gpu_preprocessing_writes_the_device_input(bundle, stubs, frames, monkey
 
     calls = []
     real_ext = pre._ext
+    fail = []
 
     class CudaExt:  # the built extension plus a stand-in for its CUDA entry points
         def __getattr__(self, name):
@@ -424,10 +523,19 @@ def test_gpu_preprocessing_writes_the_device_input(bundle, stubs, frames, monkey
         def cuda_device_count(self) -> int:
             return 1
 
-        def preprocess_cuda(self, fr, out_ptr, h, w, half, bgr, mode, mean, std, stream):
-            calls.append((out_ptr, h, w, half, bgr, stream, [f.flags.c_contiguous for f in fr]))
+        def preprocess_cuda(self, fr, out_ptr, h, w, half, bgr, mode, mean, std, stream, scratch, scratch_bytes,
+                            device):
+            if fail:
+                raise RuntimeError("CUDA cudaMemcpy2DAsync failed: cudaErrorInvalidValue")
+            needed = max(f.nbytes for f in fr) + 4096  # pixels + taps, like the kernel's plan
+            calls.append((out_ptr, h, w, half, bgr, stream, [f.flags.c_contiguous for f in fr], scratch,
+                          scratch_bytes, device))
+            if scratch_bytes < needed:
+                return needed  # nothing queued: grow the scratch and call again
+            assert stubs.cuda.kind_of(scratch, needed) == "device"
             out = stubs.cuda.array(out_ptr, (len(fr), 3, h, w), np.float16 if half else np.float32)
             preprocess_batch(fr, spec, color_order="bgr" if bgr else "rgb", out=out, backend="reference")
+            return 0
 
     monkeypatch.setattr(pre, "_ext", CudaExt())
     assert pre.cuda_preprocess_available()
@@ -439,8 +547,13 @@ def test_gpu_preprocessing_writes_the_device_input(bundle, stubs, frames, monkey
     assert not [e for e in stubs.cuda.log if e[0] == "cudaMemcpyHostToDevice"]  # no host copy of the input
     slot = eng._slots[1]
     assert calls[0][0] == slot.device[eng.input_names[0]] and calls[0][5] == eng._cuda.stream_handle(slot.stream)
+    assert calls[0][7:9] == (0, 0) and calls[1][7] == slot.scratch.address and calls[1][9] == 0  # grown, device 0
     np.testing.assert_allclose(m, ref_m, rtol=1e-6, atol=1e-7)
     assert s[0] == pytest.approx(ref_s[0], rel=1e-6)
+    # The scratch persists: the next frames of that size allocate nothing (no cudaMallocAsync per frame).
+    allocs = [e for e in stubs.cuda.log if e[0] == "alloc_device"]
+    eng.preprocess(1, [frames[1]], spec)
+    assert [e for e in stubs.cuda.log if e[0] == "alloc_device"] == allocs and calls[-1][7] == calls[1][7]
     # A view with unpacked pixels (every other column) is made contiguous before the upload.
     eng.preprocess(1, [frames[0][:, ::2]], spec)
     assert calls[-1][6] == [True]
@@ -450,6 +563,99 @@ def test_gpu_preprocessing_writes_the_device_input(bundle, stubs, frames, monkey
     eng.start(1, 1)
     eng.wait(1)
     assert [e for e in stubs.cuda.log if e[0] == "cudaMemcpyHostToDevice"]
+    # A CUDA failure in the preprocessing path (no memory pools, a driver error...): CPU from then on.
+    fail.append(True)
+    assert eng.preprocess(1, [frames[0]], spec) == "cpu"
+    eng.start(1, 1)
+    m2, s2 = eng.wait(1)
+    np.testing.assert_allclose(m2, ref_m, rtol=1e-6, atol=1e-7)
+    fail.clear()
+    assert eng.preprocess(1, [frames[0]], spec) == "cpu"  # stays on the CPU
+    eng.close()
+
+
+def test_multi_gpu_device_is_current_for_every_call_on_every_thread(bundle, stubs, frames):
+    """Defect 5: cudaSetDevice is per thread; GPU:1 must be current for allocations, copies,
+    execute_async_v3 and the kernel on whichever thread drives the engine."""
+    eng = TensorRTEngine(load_b(bundle), device="GPU:1", slots=2)
+    spec = load_b(bundle).preprocess_spec
+    cuda = stubs.cuda
+
+    def drive() -> None:
+        preprocess_batch(frames[:1], spec, out=eng.slot_buffer(1, 1))
+        eng.start(1, 1)
+        eng.wait(1)
+
+    worker = threading.Thread(target=drive)  # a fresh thread: CUDA's current device there is unset
+    worker.start()
+    worker.join()
+    drive()
+    assert cuda.devices and {d for _, d in cuda.devices} == {1}, sorted(set(cuda.devices))
+    assert [d for c in stubs.contexts for d in c._devices] == [1, 1]
+    eng.close()
+
+
+def test_cuda_binding_fallback_and_version_advice(monkeypatch):
+    """Defect 2: cuda-python 13 imports on JetPack 6 but its first call fails; pycuda is tried next."""
+    for name in _CUDA_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+    broken = _FakeCudart(set_device_error="cudaErrorInsufficientDriver")
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", broken.module)
+    with pytest.raises(CudaError) as info:
+        load_cuda(0)
+    msg = str(info.value)
+    assert "cuda-python: CudaError" in msg and "cudaErrorInsufficientDriver" in msg and "pycuda.driver" in msg
+    assert CUDA_BINDINGS_HINT in msg and "cuda-python>=12.6,<13" in msg
+    pycuda = _FakePycuda()
+    monkeypatch.setitem(sys.modules, "pycuda", types.ModuleType("pycuda"))
+    monkeypatch.setitem(sys.modules, "pycuda.driver", pycuda.module)
+    api = load_cuda(0)
+    assert api.name == "pycuda" and api.device_properties() == ("Orin", "8.7", 8)
+    # Teardown (defect 10): streams synchronised before anything is freed; page-locked arrays freed too.
+    host = api.host_empty((2, 3), np.float32)
+    api.device_alloc(64)
+    api.stream()
+    api.close()
+    assert pycuda.log[0] == "stream.synchronize" and "host.free" in pycuda.log and "device.free" in pycuda.log
+    assert host.base.allocation.freed
+
+
+def test_close_waits_for_work_in_flight(bundle, stubs, frames):
+    """Defect 10: a slot started and never waited for is synchronised before buffers are freed."""
+    eng = TensorRTEngine(load_b(bundle), slots=2)
+    preprocess_batch(frames[:1], load_b(bundle).preprocess_spec, out=eng.slot_buffer(1, 1))
+    eng.start(1, 1)
+    cuda = stubs.cuda
+    assert cuda.pending() == 4
+    cuda.log.clear()
+    eng.close()
+    first_free = next(i for i, e in enumerate(cuda.log) if e[0] == "stream_sync")
+    assert cuda.pending() == 0 and first_free == 0 and not cuda.blocks
+
+
+@pytest.fixture(scope="module")
+def orin_fp16_bundle(knn_run, real_root, tmp_path_factory):
+    """A real jetson-orin FP16 bundle (DLA-capable target)."""
+    out = tmp_path_factory.mktemp("trt_rt") / "orin16"
+    return convert(knn_run, "jetson-orin", out, precision="fp16", calib_count=8, val_data=real_root, progress=False)
+
+
+def test_dla_engine_is_deserialised_on_a_dla_runtime(orin_fp16_bundle, tmp_path, monkeypatch):
+    """Defect 8: ``runtime.DLA_core`` is set before a DLA engine is deserialised (the stub's runtime
+    refuses a DLA engine otherwise, like TensorRT)."""
+    bundle = shutil.copytree(orin_fp16_bundle, tmp_path / "bundle")
+    stubs = _Stubs(monkeypatch, bundle / "model.onnx", _FakeCudart(cc=(8, 7), name="Orin", sms=16))
+    eng = TensorRTEngine(load_b(bundle), device="DLA:1")
+    assert eng.device == "DLA:1" and stubs.builds() == 1
+    deser = [c for c in stubs.trt.calls if c[0] == "deserialize_cuda_engine"]
+    assert deser and all(c[2] == 1 for c in deser)  # the builder's check and the engine's load
+    assert [r.DLA_core for r in stubs.trt.runtimes] == [1, 1]
+    eng.close()
+    # INT8 on DLA is refused (Q/DQ): build for the GPU instead.
+    with pytest.raises(ValueError, match="Q/DQ"):
+        from edge_ad.converters.tensorrt import BuildOptions
+
+        BuildOptions(precision="int8", dla_core=0)
 
 
 def test_manifest_that_does_not_describe_the_engine_is_refused_at_load(bundle, stubs):

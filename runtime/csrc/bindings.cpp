@@ -126,9 +126,9 @@ void f32_to_f16(nb::ndarray<const float, nb::device::cpu, nb::c_contig> in,
 // GPU path (built only when CMake found a CUDA compiler): host uint8 frames -> device buffer at
 // out_ptr ((B, 3, height, width) float32 / float16), queued on `stream`. Validated like
 // preprocess_into; frames must have their pixels packed within each row.
-void preprocess_cuda_py(const std::vector<Frame>& frames, std::uintptr_t out_ptr, int height, int width, bool half,
-                        bool bgr, const std::string& mode, std::array<double, 3> mean, std::array<double, 3> stdv,
-                        std::uintptr_t stream) {
+size_t preprocess_cuda_py(const std::vector<Frame>& frames, std::uintptr_t out_ptr, int height, int width, bool half,
+                          bool bgr, const std::string& mode, std::array<double, 3> mean, std::array<double, 3> stdv,
+                          std::uintptr_t stream, std::uintptr_t scratch, size_t scratch_bytes, int device) {
   if (frames.empty()) throw nb::value_error("no frames given");
   if (out_ptr == 0) throw nb::value_error("out_ptr is a null device pointer");
   if (height <= 0 || width <= 0) throw nb::value_error("height and width must be positive");
@@ -143,7 +143,8 @@ void preprocess_cuda_py(const std::vector<Frame>& frames, std::uintptr_t out_ptr
     host[i] = {f.data(), static_cast<int64_t>(f.shape(0)), static_cast<int64_t>(f.shape(1)), ch, f.stride(0)};
   }
   nb::gil_scoped_release release;
-  edge_ad::preprocess_cuda(host, p, reinterpret_cast<void*>(out_ptr), stream);
+  return edge_ad::preprocess_cuda(host, p, reinterpret_cast<void*>(out_ptr), stream, reinterpret_cast<void*>(scratch),
+                                  scratch_bytes, device);
 }
 #endif
 
@@ -164,9 +165,11 @@ NB_MODULE(_preprocess, m) {
   m.def("auto_threads", &edge_ad::auto_threads, "Threads used for large work when num_threads=0.");
 #ifdef EDGE_AD_WITH_CUDA
   m.def("preprocess_cuda", &preprocess_cuda_py, "frames"_a.noconvert(), "out_ptr"_a, "height"_a, "width"_a, "half"_a,
-        "bgr"_a, "mode"_a, "mean"_a, "std"_a, "stream"_a,
+        "bgr"_a, "mode"_a, "mean"_a, "std"_a, "stream"_a, "scratch"_a, "scratch_bytes"_a, "device"_a = -1,
         "CUDA: resize + normalise uint8 host frames into the device buffer at out_ptr (B, 3, H, W), "
-        "queued on stream (cudaStream_t as int). Releases the GIL.");
+        "queued on stream (cudaStream_t as int), staging through the device scratch buffer used only on that "
+        "stream. Returns 0 when queued, else the scratch bytes needed (nothing queued). device >= 0 is made "
+        "current first. Releases the GIL.");
   m.def("cuda_device_count", &edge_ad::cuda_device_count, "Visible CUDA devices (0 without driver / GPU).");
 #endif
 }

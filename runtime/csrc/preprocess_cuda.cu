@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -79,12 +81,21 @@ size_t align_up(size_t n) { return (n + 255) & ~static_cast<size_t>(255); }
 
 }  // namespace
 
-void preprocess_cuda(const std::vector<HostFrame>& frames, const OutParams& p, void* out_device,
-                     std::uintptr_t stream_int) {
+size_t preprocess_cuda(const std::vector<HostFrame>& frames, const OutParams& p, void* out_device,
+                       std::uintptr_t stream_int, void* scratch, size_t scratch_bytes, int device) {
   if (p.height <= 0 || p.width <= 0) throw std::invalid_argument("output size must be positive");
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_int);
   const size_t elem = p.half ? 2 : 4;
   const size_t per_frame = 3 * static_cast<size_t>(p.height) * p.width * elem;
+
+  // Per frame the scratch holds the source pixels, then the four tap arrays. Sized (and checked)
+  // for every frame before anything is queued, so a too-small buffer changes nothing.
+  struct Plan {
+    std::shared_ptr<const AxisTaps> ty, tx;
+    size_t pitch, n_src, n_sy, n_wy, n_sx, n_wx;
+  };
+  std::vector<Plan> plans(frames.size());
+  size_t needed = 0;
   for (size_t f = 0; f < frames.size(); ++f) {
     const HostFrame& s = frames[f];
     if (!s.data || s.height <= 0 || s.width <= 0 || (s.channels != 1 && s.channels != 3) ||
@@ -92,19 +103,30 @@ void preprocess_cuda(const std::vector<HostFrame>& frames, const OutParams& p, v
       throw std::invalid_argument("invalid host frame (needs packed pixels and a positive row stride)");
     TapKind ky, kx;
     taps_kinds(p.mode, static_cast<int>(s.height), static_cast<int>(s.width), p.height, p.width, &ky, &kx);
-    const auto ty = get_taps(static_cast<int>(s.height), p.height, ky);
-    const auto tx = get_taps(static_cast<int>(s.width), p.width, kx);
+    Plan& pl = plans[f];
+    pl.ty = get_taps(static_cast<int>(s.height), p.height, ky);
+    pl.tx = get_taps(static_cast<int>(s.width), p.width, kx);
+    pl.pitch = static_cast<size_t>(s.width * s.channels);
+    pl.n_src = align_up(pl.pitch * static_cast<size_t>(s.height));
+    pl.n_sy = align_up(pl.ty->start.size() * sizeof(int32_t));
+    pl.n_wy = align_up(pl.ty->w.size() * sizeof(float));
+    pl.n_sx = align_up(pl.tx->start.size() * sizeof(int32_t));
+    pl.n_wx = align_up(pl.tx->w.size() * sizeof(float));
+    needed = std::max(needed, pl.n_src + pl.n_sy + pl.n_wy + pl.n_sx + pl.n_wx);
+  }
+  if (scratch == nullptr || scratch_bytes < needed) return needed;
+  // cudaSetDevice is per thread: the caller's device must be current on whichever thread runs this.
+  if (device >= 0) check(cudaSetDevice(device), "cudaSetDevice");
 
-    // One stream-ordered allocation per frame: source pixels, then the four tap arrays.
-    const size_t pitch = static_cast<size_t>(s.width * s.channels);
-    const size_t n_src = align_up(pitch * static_cast<size_t>(s.height));
-    const size_t n_sy = align_up(ty->start.size() * sizeof(int32_t));
-    const size_t n_wy = align_up(ty->w.size() * sizeof(float));
-    const size_t n_sx = align_up(tx->start.size() * sizeof(int32_t));
-    const size_t n_wx = align_up(tx->w.size() * sizeof(float));
-    void* block = nullptr;
-    check(cudaMallocAsync(&block, n_src + n_sy + n_wy + n_sx + n_wx, stream), "cudaMallocAsync");
-    auto* base = static_cast<uint8_t*>(block);
+  for (size_t f = 0; f < frames.size(); ++f) {
+    const HostFrame& s = frames[f];
+    const Plan& pl = plans[f];
+    const auto& ty = pl.ty;
+    const auto& tx = pl.tx;
+    const size_t pitch = pl.pitch, n_src = pl.n_src, n_sy = pl.n_sy, n_wy = pl.n_wy, n_sx = pl.n_sx;
+    // One persistent scratch buffer per caller stream: frames reuse it in stream order (the copy
+    // for frame f+1 is queued after frame f's kernel on the same stream).
+    auto* base = static_cast<uint8_t*>(scratch);
     uint8_t* d_src = base;
     auto* d_sy = reinterpret_cast<int32_t*>(base + n_src);
     auto* d_wy = reinterpret_cast<float*>(base + n_src + n_sy);
@@ -148,8 +170,8 @@ void preprocess_cuda(const std::vector<HostFrame>& frames, const OutParams& p, v
     const dim3 grid((p.width + 31) / 32, (p.height + 7) / 8);
     resize_normalize<<<grid, block_dim, 0, stream>>>(a);
     check(cudaGetLastError(), "kernel launch");
-    check(cudaFreeAsync(block, stream), "cudaFreeAsync");
   }
+  return 0;
 }
 
 int cuda_device_count() {

@@ -29,8 +29,14 @@ struct HostFrame {
 // writing frame i to out_device + i * 3 * p.height * p.width elements (float32, or binary16 when
 // p.half). Asynchronous with respect to the device: synchronise the stream (or record an event)
 // before reading the output. Throws std::runtime_error naming the failed CUDA call.
-void preprocess_cuda(const std::vector<HostFrame>& frames, const OutParams& p, void* out_device,
-                     std::uintptr_t stream);
+//
+// `scratch` is a device buffer of `scratch_bytes` owned by the caller and used only on `stream`
+// (no per-frame allocation: cudaMallocAsync needs memory pools, which some devices lack). Returns
+// 0 when the work was queued, or the bytes the scratch needs (nothing queued) when it is null or
+// too small: grow it (after the stream has finished with the old one) and call again.
+// `device` >= 0 is made current on the calling thread first (cudaSetDevice is per thread).
+size_t preprocess_cuda(const std::vector<HostFrame>& frames, const OutParams& p, void* out_device,
+                       std::uintptr_t stream, void* scratch, size_t scratch_bytes, int device);
 
 // Number of visible CUDA devices (0 when there is no driver or no GPU).
 int cuda_device_count();

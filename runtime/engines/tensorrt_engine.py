@@ -21,7 +21,13 @@ Preprocessing on the GPU: when the preprocessing extension was built with the CU
 (:func:`edge_ad.runtime.preprocessing.cuda_preprocess_available`), :meth:`preprocess` writes the
 normalised input straight into the slot's *device* input buffer (uint8 frames are uploaded, not
 float tensors) and :meth:`start` skips the H2D copy; otherwise it preprocesses on the CPU into the
-page-locked host buffer.
+page-locked host buffer. Each slot stages frames through its own persistent device scratch buffer
+(no per-frame allocation); if a CUDA call of that path fails, the engine logs it once and
+preprocesses on the CPU from then on.
+
+Multi-GPU: ``cudaSetDevice`` is per thread, so the engine's device is made current around every
+CUDA call, ``execute_async_v3`` and the preprocessing kernel, on whichever thread makes them.
+Teardown (:meth:`close`) waits for queued work before it frees contexts and buffers.
 
 Torch-free: needs ``tensorrt`` and cuda-python or pycuda (:mod:`edge_ad.runtime.cuda`).
 """
@@ -36,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..cuda import CudaApi, load_cuda
+from ..cuda import CudaApi, CudaScratch, load_cuda
 from ..preprocessing import preprocess_batch
 from . import DEFAULT_SLOTS, SlotEngine, _output_indices, check_slot, check_slots, split_outputs
 
@@ -50,8 +56,9 @@ log = logging.getLogger(__name__)
 
 TENSORRT_RUNTIME_MISSING = (
     "this bundle runs on TensorRT, but the tensorrt package cannot be imported. Install it with "
-    "`pip install edge-ad[tensorrt]` (x86 with an NVIDIA GPU: TensorRT 10 + pycuda); on Jetson, TensorRT comes "
-    "with JetPack (`sudo apt install python3-libnvinfer`, JetPack 6 = TensorRT 10)"
+    "`pip install edge-ad[tensorrt]` (x86 with an NVIDIA GPU: TensorRT 10 + cuda-python 12); on Jetson, TensorRT comes "
+    "with JetPack (`sudo apt install python3-libnvinfer`; JetPack 6 = TensorRT 10.3, JetPack 7 = 10.13), never "
+    "from pip there; see docs/JETSON.md"
 )
 
 _DEVICE = re.compile(r"^(GPU|CUDA|DLA)(?::(\d+))?$")
@@ -88,6 +95,7 @@ class _Slot:
         if self.context is None:
             raise RuntimeError("TensorRT could not create an execution context (out of GPU memory?)")
         self.stream = cuda.stream()
+        self.scratch = CudaScratch(cuda, self.stream)  # the GPU preprocessing's staging buffer
         self.event = cuda.event()
         self.host: dict[str, np.ndarray] = {}
         self.device: dict[str, int] = {}
@@ -107,9 +115,8 @@ class TensorRTEngine(SlotEngine):
         bundle: a loaded TensorRT bundle (directory; a ``.tar`` works only when its ``engines/``
             already holds the engine for this device).
         device: ``"auto"`` / ``"GPU"`` (CUDA device 0), ``"GPU:<i>"``, or ``"DLA:<core>"`` (Jetson
-            targets with DLA; layers DLA cannot run fall back to the GPU). With cuda-python,
-            ``GPU:<i>`` (i > 0) is made current on the constructing thread only (``cudaSetDevice``
-            is per thread): drive such an engine from that thread.
+            targets with DLA; layers DLA cannot run fall back to the GPU). The device is made
+            current around each CUDA / TensorRT call, so any thread may drive the engine.
         slots: request slots (>= 1; default: slot 0 for ``predict`` + two for double-buffered streaming).
         build: build the engine when no matching one is cached (minutes on a Jetson); False
             raises instead.
@@ -136,6 +143,7 @@ class TensorRTEngine(SlotEngine):
         self.device = f"DLA:{dla_core}" if dla_core is not None else f"GPU:{index}"
         self._cuda = cuda if cuda is not None else load_cuda(index)
         self._slots: list[_Slot] = []
+        self._gpu_preprocess = True  # turned off for good after a failed CUDA preprocessing call
         try:
             self._logger = trt.Logger(trt.Logger.WARNING)
             self.engine_path, self._engine = self._load_engine(bundle, index, dla_core, build, workspace_mb)
@@ -151,13 +159,11 @@ class TensorRTEngine(SlotEngine):
                      workspace_mb: int) -> tuple[Path, Any]:
         # Imported here: converters.engine / converters.tensorrt are torch-free and import TensorRT lazily.
         from edge_ad.converters.engine import build_bundle_engine, bundle_engine_options
-        from edge_ad.converters.tensorrt import device_info, engine_key, find_cached_engine
+        from edge_ad.converters.tensorrt import device_engine_key, device_info, find_cached_engine
 
-        dev = device_info(index)  # TensorRT version + compute capability: what the engine must match
+        dev = device_info(index)  # TensorRT version, compute capability, name, SMs: what the engine must match
         opts = bundle_engine_options(bundle, workspace_mb=workspace_mb, dla_core=dla_core)
-        key = engine_key(bundle.path("model.onnx"), trt_version=dev.trt_version,
-                         compute_capability=dev.compute_capability, precision=opts.precision,
-                         dla_core=opts.dla_core, extra=opts.key_fields())
+        key = device_engine_key(bundle.path("model.onnx"), opts, dev)
         cached = find_cached_engine(bundle.engines_dir, key.digest())
         is_dir = Path(bundle.source).is_dir()
         if cached is None and not (build and is_dir):
@@ -176,6 +182,8 @@ class TensorRTEngine(SlotEngine):
             log.info("building the TensorRT engine of %s for %s (minutes on a Jetson)", bundle.source, dev)
             path = build_bundle_engine(bundle.source, workspace_mb=workspace_mb, dla_core=dla_core, device=dev)
         runtime = self._trt.Runtime(self._logger)
+        if dla_core is not None:
+            runtime.DLA_core = dla_core  # a DLA engine is deserialised onto the runtime's DLA core
         engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if engine is None and build and is_dir:
             # The key matched but this TensorRT / driver cannot load it (a patch-level change the key
@@ -271,11 +279,16 @@ class TensorRTEngine(SlotEngine):
         if s.pending is not None:
             raise RuntimeError(f"slot {slot} is in flight: wait({slot}) before preprocessing into it")
         host = s.host[self._input_name]
-        if cuda_preprocess_available():
-            preprocess_cuda_into(list(frames), spec, s.device[self._input_name], host.dtype,
-                                 self._cuda.stream_handle(s.stream), color_order=color_order)
-            s.input_on_device = True
-            return "gpu"
+        if self._gpu_preprocess and cuda_preprocess_available():
+            try:
+                preprocess_cuda_into(list(frames), spec, s.device[self._input_name], host.dtype, s.scratch,
+                                     color_order=color_order)
+                s.input_on_device = True
+                return "gpu"
+            except Exception as exc:  # noqa: BLE001 - any CUDA failure: the CPU path gives the same input
+                log.warning("CUDA preprocessing failed (%s: %s); preprocessing on the CPU from now on",
+                            type(exc).__name__, exc)
+                self._gpu_preprocess = False
         preprocess_batch(list(frames), spec, color_order=color_order, out=host[:n])
         s.input_on_device = False
         return "cpu"
@@ -291,7 +304,9 @@ class TensorRTEngine(SlotEngine):
         if not s.input_on_device:
             # Only the first n frames carry data; the static batch's tail is stale and ignored.
             cuda.htod_async(s.device[name], s.host[name], s.host[name][:n].nbytes, stream)
-        if not s.context.execute_async_v3(cuda.stream_handle(stream)):
+        with cuda.activate():  # TensorRT enqueues on the current device of this thread
+            ok = s.context.execute_async_v3(cuda.stream_handle(stream))
+        if not ok:
             raise RuntimeError("TensorRT execute_async_v3 failed; see the TensorRT log above")
         for out in self.output_names:
             cuda.dtoh_async(s.host[out], s.device[out], s.host[out].nbytes, stream)
@@ -312,10 +327,20 @@ class TensorRTEngine(SlotEngine):
         return split_outputs(s.host[self._map_name], s.host[self._score_name], n)
 
     def close(self) -> None:
-        """Free the GPU and page-locked memory (the engine is unusable afterwards). Idempotent."""
+        """Free the GPU and page-locked memory (the engine is unusable afterwards). Idempotent.
+
+        Work still in flight (a started, never waited-for slot) is waited for first: destroying an
+        execution context or freeing buffers under a running kernel is undefined behaviour.
+        """
+        cuda = getattr(self, "_cuda", None)
+        for s in getattr(self, "_slots", []):
+            try:
+                cuda.stream_synchronize(s.stream)
+            except Exception:  # noqa: BLE001 - best effort at teardown; cuda.close() syncs again
+                pass
+            s.pending = None
         self._slots = []
         self._engine = None
-        cuda = getattr(self, "_cuda", None)
         if cuda is not None:
             cuda.close()
 
