@@ -359,6 +359,8 @@ def _read_manifest_doc(root: Path, label: str) -> dict[str, Any]:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise BundleError(f"{label}/{MANIFEST_FILE} is not valid YAML: {e}") from None
+    except RecursionError:  # a hostile, deeply nested document; a manifest is a few levels deep
+        raise BundleError(f"{label}/{MANIFEST_FILE} is nested too deeply to be a manifest") from None
     if not isinstance(doc, dict):
         raise BundleError(f"{label}/{MANIFEST_FILE} must hold a mapping, got {type(doc).__name__}")
     return doc
