@@ -241,6 +241,11 @@ def _detect_radio(state_dict: Mapping[str, torch.Tensor], config: dict[str, Any]
     notes: dict[str, Any] = {}
     if "radio_model.summary_idxs" in sd:
         notes["summary_idxs"] = [int(i) for i in sd["radio_model.summary_idxs"].tolist()]
+    elif isinstance(config.get("args"), dict) and "teachers" in config["args"]:
+        notes["summary_idxs"] = radio_summary_indices(config["args"]["teachers"])
+    if any(k.startswith("radio_model.feature_normalizer.") for k in sd):
+        notes["feature_normalizer"] = ("present: RADIO's own forward applies it to the patch features; edge_ad "
+                                       "(like timm) returns the backbone's raw tokens")
     adaptors = sorted({k.split(".")[2] for k in sd if k.startswith("radio_model.adaptors.")})
     adaptors += sorted({k.split(".")[1] for k in sd if k.startswith(("_heads.", "_feature_projections."))})
     if adaptors:
@@ -251,6 +256,16 @@ def _detect_radio(state_dict: Mapping[str, torch.Tensor], config: dict[str, Any]
     return Layout("nvlabs", "radio", int(embedder.shape[0]),
                   _block_count(sd, re.escape(_RADIO_PREFIX) + r"blocks\.(\d+)\."), patch,
                   int(tokens.shape[0]) - 1, grid, notes)
+
+
+def radio_summary_indices(teachers: Any) -> list[int]:
+    """RADIO's ``summary_idxs`` from its training args' teacher list, as NVlabs/RADIO hubconf.py
+    computes them: the first index of each teacher name whose ``use_summary`` is true (default)."""
+    first: dict[str, int] = {}
+    for index, teacher in enumerate(teachers or []):
+        if teacher.get("use_summary", True):
+            first.setdefault(str(teacher.get("name", index)), index)
+    return sorted(first.values())
 
 
 def _config_notes(config: Mapping[str, Any]) -> dict[str, Any]:

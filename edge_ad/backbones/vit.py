@@ -109,7 +109,7 @@ def _dinov3_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
                 bias = bias * torch.nan_to_num(mask, nan=1.0)
             if has_bias:
                 state_dict[key] = bias
-            elif bias.abs().max().item() != 0.0:
+            elif not bias.is_meta and bias.abs().max().item() != 0.0:  # meta: shapes only, no values
                 raise IncompatibleWeightsError(
                     f"{key} is non-zero ({bias.abs().max().item():.3g}) but this DINOv3 model has no "
                     "qkv bias; the checkpoint needs timm's _qkvb architecture, which edge_ad does not "
