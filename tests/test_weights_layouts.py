@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from edge_ad.backbones import IncompatibleWeightsError, build_backbone
+from edge_ad.backbones.clip_text import convert_clip_text
 from edge_ad.backbones.inspection import convert_weights, inspect_weights, weights_provenance
 from edge_ad.backbones.layouts import detect_layout, to_original_layout
 from edge_ad.backbones.weights import read_weights, weights_sha256
@@ -489,3 +490,75 @@ def test_cli_inspect_and_convert(tmp_path, capsys):
     assert "in timm layout" in capsys.readouterr().out
     assert main(["weights", "convert", str(folder), "--backbone", "dinov2_vits14", "--out", str(out)]) == 2
     assert "but backbone 'dinov2_vits14' is a dinov2 model" in capsys.readouterr().err
+
+
+# --- CLIP text tower (AVA-DINO's prompt encoder) --------------------------------------------------
+
+def _clip_text_reference():
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=256, projection_dim=16, vocab_size=100,
+                                         max_position_embeddings=12, bos_token_id=98, eos_token_id=99,
+                                         pad_token_id=99)
+    return transformers.CLIPTextModelWithProjection(config).eval()
+
+
+def openai_text(reference) -> dict[str, torch.Tensor]:
+    """Text tower as openai/CLIP clip/model.py names it (see edge_ad/backbones/clip_text.py)."""
+    sd = reference.state_dict()
+    out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+           "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+           "text_projection": sd["text_projection.weight"].t(), "visual.conv1.weight": torch.zeros(4, 3, 2, 2)}
+    for i in range(2):
+        src, dst = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        out[dst + "attn.in_proj_weight"], out[dst + "attn.in_proj_bias"] = _qkv(sd, src + "self_attn.")
+        for a, b in [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
+                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]:
+            out[f"{dst}{b}.weight"], out[f"{dst}{b}.bias"] = sd[f"{src}{a}.weight"], sd[f"{src}{a}.bias"]
+    return out
+
+
+class _Holder(torch.nn.Module):
+    """Flat tensors as a module tree, traced to a TorchScript archive like OpenAI's .pt files."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for key, value in state.items():
+            *path, leaf = key.split(".")
+            module = self
+            for part in path:
+                if not hasattr(module, part):
+                    module.add_module(part, torch.nn.Module())
+                module = getattr(module, part)
+            module.register_parameter(leaf, torch.nn.Parameter(value.clone()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(p.sum() for p in self.parameters()) * x
+
+
+@pytest.mark.parametrize("layout", ["openai-torchscript", "open_clip-bin", "transformers-clipmodel"])
+def test_clip_text_tower_converts_to_the_reference_embeddings(tmp_path, layout):
+    reference = _clip_text_reference()
+    if layout == "openai-torchscript":
+        path = tmp_path / "ViT-L-14-336px.pt"
+        torch.jit.trace(_Holder(openai_text(reference)), torch.ones(1)).save(str(path))
+    elif layout == "open_clip-bin":
+        path = tmp_path / "open_clip_pytorch_model.bin"
+        torch.save(openai_text(reference), path)
+    else:
+        clip = transformers.CLIPModel(transformers.CLIPConfig(
+            text_config=reference.config.to_dict(), vision_config=dict(**TINY, image_size=28, patch_size=14),
+            projection_dim=16))
+        clip.text_model.load_state_dict(reference.text_model.state_dict())
+        clip.text_projection.load_state_dict(reference.text_projection.state_dict())
+        path = tmp_path / "clip_snapshot"
+        clip.save_pretrained(path)
+    out = convert_clip_text(path, tmp_path / "text")
+    loaded = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path / "text", local_files_only=True).eval()
+    ids = torch.tensor([[98, 5, 17, 42, 99, 99], [98, 7, 99, 99, 99, 99]])
+    with torch.no_grad():
+        expected, got = reference(input_ids=ids).text_embeds, loaded(input_ids=ids).text_embeds
+    assert out == tmp_path / "text" and _rel(got, expected) <= RTOL
+    assert _rel(expected[0], expected[1]) > 1e-2  # different sentences, different embeddings

@@ -156,6 +156,10 @@ def _read_file(path: Path, extras: dict[str, Any]) -> StateDict:
             # is a plain attribute container, so allowing it keeps the load code-free.
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
+        except RuntimeError as exc:
+            if "TorchScript" not in str(exc):
+                raise ValueError(f"cannot read weights file {path} with torch.load(weights_only=True): {exc}") from exc
+            obj = _read_torchscript(path)
         except Exception as exc:  # unpickling refused (custom classes) or a corrupt file
             raise ValueError(
                 f"cannot read weights file {path} with torch.load(weights_only=True): {exc}"
@@ -173,6 +177,20 @@ def _read_file(path: Path, extras: dict[str, Any]) -> StateDict:
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
     return dict(obj)
+
+
+def _read_torchscript(path: Path) -> StateDict:
+    """Tensors of a TorchScript archive (OpenAI CLIP's ``ViT-L-14-336px.pt``).
+
+    ``torch.jit.load`` restores the module's tensors and TorchScript code without unpickling
+    Python classes; only ``state_dict()`` is called, no TorchScript method runs.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still the reader
+        module = torch.jit.load(str(path), map_location="cpu")
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def strip_prefix(state_dict: StateDict, prefix: str) -> StateDict:
