@@ -434,6 +434,7 @@ def test_radio_nvlabs_layout_round_trips_and_resamples_like_radio(tmp_path, hub)
     report = inspect_weights(path, sha256=False)
     assert (report.layout.layout, report.layout.family, report.layout.num_registers) == ("nvlabs", "radio", 7)
     assert report.layout.notes["summary_idxs"] == [0, 1, 2]  # hub: teachers with use_summary, deduplicated
+    assert report.layout.notes["anomalyvfm"].endswith("--set summary_tokens=3")
     loaded = build_backbone("radio_v3_b16", weights=path, img_size=128, layers=LAYERS, depth=DEPTH, embed_dim=DIM,
                             num_heads=HEADS, init_values=1.0)
     x = torch.randn(1, 3, 128, 128)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .layouts import Layout, detect_layout, radio_summary_indices
+from .layouts import Layout, detect_layout, radio_summary_indices, radio_summary_note
 from .weights import WeightsPath, read_weights, weights_sha256
 
 #: safetensors metadata ``format`` of files written by :func:`convert_weights`.
@@ -94,6 +94,7 @@ def inspect_weights(path: WeightsPath, *, sha256: bool = True) -> WeightsReport:
     args = read.extras.get("args")  # NVlabs torch-hub checkpoint: training args with the teacher list
     if layout.family == "radio" and "summary_idxs" not in layout.notes and hasattr(args, "teachers"):
         layout.notes["summary_idxs"] = radio_summary_indices(args.teachers)
+        layout.notes["anomalyvfm"] = radio_summary_note(layout.notes["summary_idxs"])
     return WeightsReport(
         path=read.path, layout=layout, tensors=len(read.state_dict),
         parameters=sum(int(t.numel()) for t in read.state_dict.values()), files=read.files,

@@ -243,6 +243,8 @@ def _detect_radio(state_dict: Mapping[str, torch.Tensor], config: dict[str, Any]
         notes["summary_idxs"] = [int(i) for i in sd["radio_model.summary_idxs"].tolist()]
     elif isinstance(config.get("args"), dict) and "teachers" in config["args"]:
         notes["summary_idxs"] = radio_summary_indices(config["args"]["teachers"])
+    if "summary_idxs" in notes:
+        notes["anomalyvfm"] = radio_summary_note(notes["summary_idxs"])
     if any(k.startswith("radio_model.feature_normalizer.") for k in sd):
         notes["feature_normalizer"] = ("present: RADIO's own forward applies it to the patch features; edge_ad "
                                        "(like timm) returns the backbone's raw tokens")
@@ -256,6 +258,16 @@ def _detect_radio(state_dict: Mapping[str, torch.Tensor], config: dict[str, Any]
     return Layout("nvlabs", "radio", int(embedder.shape[0]),
                   _block_count(sd, re.escape(_RADIO_PREFIX) + r"blocks\.(\d+)\."), patch,
                   int(tokens.shape[0]) - 1, grid, notes)
+
+
+def radio_summary_note(summary_idxs: list[int]) -> str:
+    """What AnomalyVFM should concatenate for these RADIO ``summary_idxs`` (its image head reads
+    the first ``summary_tokens`` prefix tokens, i.e. RADIO's per-teacher CLS tokens in order)."""
+    if summary_idxs == list(range(len(summary_idxs))):
+        return (f"RADIO's summary = CLS tokens {summary_idxs} = the first {len(summary_idxs)} prefix tokens; "
+                f"AnomalyVFM: --set summary_tokens={len(summary_idxs)}")
+    return (f"RADIO's summary = CLS tokens {summary_idxs}, not the leading prefix tokens that AnomalyVFM's "
+            "summary_tokens takes")
 
 
 def radio_summary_indices(teachers: Any) -> list[int]:
