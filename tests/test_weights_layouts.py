@@ -563,3 +563,15 @@ def test_clip_text_tower_converts_to_the_reference_embeddings(tmp_path, layout):
         expected, got = reference(input_ids=ids).text_embeds, loaded(input_ids=ids).text_embeds
     assert out == tmp_path / "text" and _rel(got, expected) <= RTOL
     assert _rel(expected[0], expected[1]) > 1e-2  # different sentences, different embeddings
+
+
+def test_timm_openai_clip_file_with_projection_head_loads(tmp_path):
+    """timm's ``vit_large_patch14_clip_quickgelu_336.openai`` file carries the joint-space
+    projection as ``head``; the backbone (no head) drops it instead of failing the strict load."""
+    reference = _reference("clip_vitl14_336")
+    converted = convert_weights(_write(tmp_path, "clip_vitl14_336", "transformers", reference), "clip_vitl14_336",
+                                tmp_path / "timm.safetensors", depth=DEPTH, embed_dim=DIM, num_heads=HEADS)
+    state = read_weights(converted).state_dict
+    state.update({"head.weight": torch.randn(16, DIM), "head.bias": torch.zeros(16)})
+    save_file(state, str(tmp_path / "timm_openai.safetensors"))
+    _assert_matches_reference("clip_vitl14_336", reference, tmp_path / "timm_openai.safetensors", (56, 56))

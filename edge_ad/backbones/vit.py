@@ -75,12 +75,14 @@ def _clip_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
     """OpenAI / open_clip or timm layout -> timm, pos embed resampled bicubically without
     antialiasing (transformers' ``CLIPVisionModel`` interpolation; OpenAI's code has none).
 
-    ``visual.proj`` (the projection into the joint image-text space) is dropped: the backbone
-    returns tokens of the vision transformer itself, before that projection.
+    The projection into the joint image-text space (OpenAI ``visual.proj``, timm's
+    ``vit_*_clip_*.openai`` ``head``) is dropped: the backbone returns tokens of the vision
+    transformer itself, before that projection.
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state_dict = {k: v for k, v in state_dict.items() if k not in ("visual.proj", "module.visual.proj")}
+    projection = ("visual.proj", "module.visual.proj", "head.weight", "head.bias")
+    state_dict = {k: v for k, v in state_dict.items() if k not in projection}
     return checkpoint_filter_fn(state_dict, model, antialias=False)
 
 
