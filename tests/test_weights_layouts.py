@@ -575,3 +575,30 @@ def test_timm_openai_clip_file_with_projection_head_loads(tmp_path):
     state.update({"head.weight": torch.randn(16, DIM), "head.bias": torch.zeros(16)})
     save_file(state, str(tmp_path / "timm_openai.safetensors"))
     _assert_matches_reference("clip_vitl14_336", reference, tmp_path / "timm_openai.safetensors", (56, 56))
+
+
+def test_train_foundad_on_transformers_snapshot_records_sha256_and_layout(tmp_path, real_root):
+    """`edge-ad train --method foundad --backbone dinov3_vits16 --weights <snapshot dir>` with a
+    tiny DINOv3 (the registered architecture at depth 2 / width 32: a real ViT-S snapshot is the
+    same code path at 86 MB) and 2 optimiser steps; the run records the weights' sha256 + layout."""
+    import yaml
+
+    from edge_ad.cli.main import main
+
+    folder = tmp_path / "dinov3-vits16-snapshot"
+    torch.manual_seed(0)
+    _dinov3().save_pretrained(folder, max_shard_size="40KB")
+    out = tmp_path / "run"
+    args = ["train", "--method", "foundad", "--backbone", "dinov3_vits16", "--weights", str(folder),
+            "--data", str(real_root), "--category", "mvtec_hazelnut_256", "--shots", "2", "--steps", "2",
+            "--batch-size", "2", "--image-size", "64", "--device", "cpu", "--out", str(out)]
+    for key, value in (("depth", DEPTH), ("embed_dim", DIM), ("num_heads", HEADS), ("init_values", 1.0)):
+        args += ["--backbone-arg", f"{key}={value}"]
+    assert main(args) == 0
+    expected = {"sha256": weights_sha256(read_weights(folder).files), "layout": "transformers", "family": "dinov3"}
+    log = json.loads((out / "train_log.json").read_text())["backbone_weights"]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    recorded = config["training"]["backbone_weights"]
+    for record in (log, recorded):
+        assert {k: record[k] for k in expected} == expected
+    assert "model.safetensors.index.json" not in log["files"] and "config.json" in log["files"]
