@@ -342,6 +342,12 @@ def test_unknown_layout_is_named(tmp_path):
     save_file({"encoder.conv.weight": torch.zeros(2, 2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(IncompatibleWeightsError, match="unrecognised checkpoint layout.*encoder.conv.weight"):
         inspect_weights(tmp_path / "x.safetensors")
+    folder = tmp_path / "partial"  # config.json says Dinov2Model, the shard with the embeddings is gone
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "dinov2"}))
+    save_file({"encoder.layer.0.norm1.weight": torch.ones(4)}, str(folder / "model.safetensors"))
+    with pytest.raises(IncompatibleWeightsError, match="lacks its key 'embeddings.patch_embeddings.projection"):
+        inspect_weights(folder)
 
 
 # --- real sizes on the meta device -------------------------------------------------------------

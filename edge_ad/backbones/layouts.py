@@ -133,8 +133,16 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor], config: dict[str, Any]
         IncompatibleWeightsError: the keys match no layout this loader converts; the message lists
             a few keys so the user can tell what the file is.
     """
+    try:
+        return _detect(state_dict, config or {})
+    except KeyError as exc:  # keys of one layout with another one's missing: say which
+        raise IncompatibleWeightsError(
+            f"checkpoint looks like one layout but lacks its key {exc}; is the file complete (all shards)?"
+        ) from None
+
+
+def _detect(state_dict: Mapping[str, torch.Tensor], config: dict[str, Any]) -> Layout:
     keys = set(state_dict)
-    config = config or {}
     model_type = str(config.get("model_type", ""))
     if "radio" in model_type.lower() or any(k.startswith(_RADIO_PREFIX) for k in keys) \
             or "base_model.patch_generator.embedder.weight" in keys:
