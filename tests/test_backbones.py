@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from edge_ad.backbones.base import Backbone, BackboneInfo
+from edge_ad.backbones.fit import dinov3_rope_periods
 from edge_ad.backbones.registry import UnknownBackboneError, build_backbone, list_backbones
 from edge_ad.backbones.weights import IncompatibleWeightsError
 
@@ -317,12 +318,23 @@ def test_weights_mismatch_names_file_backbone_and_keys(tmp_path):
         tiny("dinov3_vits16", img_size=32, weights=path)  # depth 3
     message = str(excinfo.value)
     assert "shallow.safetensors" in message and "'dinov3_vits16'" in message
-    assert "missing keys" in message and "blocks.2.norm1.weight" in message
+    assert "DINOv3 ViT/16 (D 32, 2 blocks" in message and "blocks 2 (backbone: 3)" in message
 
     wide = tmp_path / "wide.pth"
     torch.save(tiny("dinov2_vits14", img_size=28, embed_dim=48).model.state_dict(), wide)
-    with pytest.raises(IncompatibleWeightsError, match=r"shape mismatches: .*\(48,\) vs expected \(32,\)"):
+    with pytest.raises(IncompatibleWeightsError, match=r"embedding width 48 \(backbone: 32\)"):
         tiny("dinov2_vits14", img_size=28, weights=wide)
+
+    # Same architecture, one tensor missing or reshaped: the strict key-by-key load names it.
+    state = tiny("dinov3_vits16", img_size=32).model.state_dict()
+    del state["blocks.2.norm1.weight"]
+    state["blocks.1.mlp.fc1.bias"] = torch.zeros(7)
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(IncompatibleWeightsError) as excinfo:
+        tiny("dinov3_vits16", img_size=32, weights=tmp_path / "partial.pth")
+    message = str(excinfo.value)
+    assert "missing keys: blocks.2.norm1.weight" in message
+    assert "blocks.1.mlp.fc1.bias (7,) vs expected (128,)" in message
 
 
 def test_weights_unexpected_keys_are_an_error_not_ignored(tmp_path):
@@ -343,7 +355,7 @@ def _to_official_dinov3(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         if key.endswith("attn.qkv.weight"):
             out[key.replace("weight", "bias")] = torch.zeros(value.shape[0])
     out["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
-    out["rope_embed.periods"] = torch.ones(4)
+    out["rope_embed.periods"] = dinov3_rope_periods(head_dim=16)  # Meta's periods for RoPE base 100
     return out
 
 

@@ -29,14 +29,16 @@ from torch import nn
 from ._args import ImgSize, reject_overrides, resolve_img_size, resolve_layers
 from .base import Backbone, BackboneInfo
 from .registry import register_backbone
+from .fit import check_family as _check_family
+from .fit import check_fits_model
+from .layouts import Layout, detect_layout, to_original_layout
 from .weights import (
     IncompatibleWeightsError,
     StateDict,
     WeightsPath,
     find_in_hf_cache,
     load_state_dict_strict,
-    read_state_dict,
-    strip_prefix,
+    read_weights,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,34 +59,64 @@ _RESERVED_OVERRIDES = {
 }
 
 
-def _dinov2_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
-    """Official facebookresearch/dinov2 or timm layout -> timm, pos embed resampled to the grid."""
+def _dinov2_filter(state_dict: StateDict, model: nn.Module, antialias: bool) -> StateDict:
+    """Meta dinov2 or timm layout -> timm, pos embed resampled bicubically to the model's grid.
+
+    ``antialias`` follows the reference implementations: off for DINOv2 (transformers'
+    ``Dinov2Model``; Meta's hub model too, up to its 0.1-cell scale-factor offset), on for
+    DINOv2-reg (``Dinov2WithRegistersModel`` and Meta's ``*_reg`` hub models).
+    """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    return checkpoint_filter_fn(state_dict, model)
+    return checkpoint_filter_fn(state_dict, model, antialias=antialias)
+
+
+def _clip_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """OpenAI / open_clip or timm layout -> timm, pos embed resampled bicubically without
+    antialiasing (transformers' ``CLIPVisionModel`` interpolation; OpenAI's code has none).
+
+    The projection into the joint image-text space (OpenAI ``visual.proj``, timm's
+    ``vit_*_clip_*.openai`` ``head``) is dropped: the backbone returns tokens of the vision
+    transformer itself, before that projection.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    projection = ("visual.proj", "module.visual.proj", "head.weight", "head.bias")
+    state_dict = {k: v for k, v in state_dict.items() if k not in projection}
+    return checkpoint_filter_fn(state_dict, model, antialias=False)
 
 
 def _dinov3_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
     """Official facebookresearch/dinov3 or timm layout -> timm Eva keys.
 
-    The official ViT-S/B/L checkpoints carry a ``qkv.bias`` that is all zeros; the non-``_qkvb``
-    model has no bias, so it is dropped, but only after checking it really is zero: dropping a
-    non-zero bias would be a silently partial load.
+    Meta's ``qkv`` is a ``LinearKMaskedBias``: the key third of ``qkv.bias`` is multiplied by
+    ``bias_mask`` (0 there), so whatever it stores is never used and is zeroed here. The released
+    ViT-S/B/L have all-zero q / v biases; the non-``_qkvb`` model has no bias, so the bias is
+    dropped, but only after checking it really is zero: dropping a non-zero bias would be a
+    silently partial load.
     """
     from timm.models.eva import checkpoint_filter_fn
 
     if "storage_tokens" in state_dict:  # official layout
         has_bias = any(getattr(blk.attn, "q_bias", None) is not None for blk in model.blocks)
-        if not has_bias:
-            state_dict = dict(state_dict)
-            for key in [k for k in state_dict if k.endswith("attn.qkv.bias")]:
-                bias = state_dict.pop(key)
-                if bias.abs().max().item() != 0.0:
-                    raise IncompatibleWeightsError(
-                        f"{key} is non-zero ({bias.abs().max().item():.3g}) but this DINOv3 model has no "
-                        "qkv bias; the checkpoint needs timm's _qkvb architecture, which edge_ad does not "
-                        "use because its fused bias bypasses LoRA wrappers"
-                    )
+        state_dict = dict(state_dict)
+        for key in [k for k in state_dict if k.endswith("attn.qkv.bias")]:
+            bias = state_dict.pop(key).clone()
+            mask = state_dict.pop(key + "_mask", None)
+            dim = bias.shape[0] // 3
+            bias[dim:2 * dim] = 0.0  # masked k-bias (bias_mask is NaN-initialised, 0 on k after load)
+            if mask is not None:
+                mask = mask.clone()
+                mask[dim:2 * dim] = 0.0
+                bias = bias * torch.nan_to_num(mask, nan=1.0)
+            if has_bias:
+                state_dict[key] = bias
+            elif not bias.is_meta and bias.abs().max().item() != 0.0:  # meta: shapes only, no values
+                raise IncompatibleWeightsError(
+                    f"{key} is non-zero ({bias.abs().max().item():.3g}) but this DINOv3 model has no "
+                    "qkv bias; the checkpoint needs timm's _qkvb architecture, which edge_ad does not "
+                    "use because its fused bias bypasses LoRA wrappers"
+                )
     return checkpoint_filter_fn(state_dict, model)
 
 
@@ -92,7 +124,9 @@ def _radio_filter(state_dict: StateDict, model: nn.Module, align_corners: bool) 
     """NVIDIA RADIO (``radio_model.model.*``) or timm layout -> timm ViT keys.
 
     RADIO resamples its 128x128 position-embedding grid bilinearly without antialiasing; the
-    ``align_corners`` flag follows each release's hub code, as in timm's own factory.
+    ``align_corners`` flag follows each release's hub code, as in timm's own factory. The input
+    conditioner, ``summary_idxs`` and adaptor heads are not part of the ViT and are dropped by
+    timm's conversion (the conditioner is checked against ``info.mean`` / ``info.std`` first).
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -107,6 +141,7 @@ class ViTSpec:
 
     Attributes:
         timm_name: timm architecture (``pretrained=True`` uses its default pretrained tag).
+        family: checkpoint family (``layouts.Layout.family``) whose files this backbone loads.
         patch_size: the architecture's patch size in pixels (a ``patch_size`` override wins).
         mean, std: RGB normalisation of the published weights, for pixels in 0..1.
         filter_fn: converts a checkpoint (official or timm layout) to this timm model's keys.
@@ -114,6 +149,7 @@ class ViTSpec:
     """
 
     timm_name: str
+    family: str
     patch_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -137,13 +173,17 @@ class TimmViTBackbone(Backbone):
         model: the timm module (``VisionTransformer`` / ``Eva``); its ``state_dict()`` is the timm
             key layout that ``weights=`` accepts. LoRA targets live under it.
         spec: how the model was built.
+        weights_layout: the detected layout of the loaded ``weights=`` / pretrained file, None
+            for random init.
     """
 
-    def __init__(self, model: nn.Module, info: BackboneInfo, spec: ViTSpec) -> None:
+    def __init__(self, model: nn.Module, info: BackboneInfo, spec: ViTSpec,
+                 weights_layout: Layout | None = None) -> None:
         super().__init__()
         self.model = model
         self.info = info
         self.spec = spec
+        self.weights_layout = weights_layout
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         self.check_images(images, self.model.patch_embed.proj.weight.dtype)
@@ -177,8 +217,9 @@ def build_timm_vit(
     Args:
         name: registry name, for ``info`` and messages.
         spec: timm architecture, normalisation and checkpoint filter.
-        weights: local checkpoint, official or timm layout (a saved ``TimmViTBackbone`` with
-            ``model.`` prefixed keys works too).
+        weights: local checkpoint file or Hugging Face snapshot folder in any layout of
+            ``layouts.py`` (timm, Meta, OpenAI, transformers, NVlabs; a saved ``TimmViTBackbone``
+            with ``model.`` prefixed keys works too); detected, converted, loaded strictly.
         layers: 0-based block indices (negative counts from the end); default the last block.
         img_size: int or (H, W) in pixels, multiples of the patch size; default 224.
         pretrained: load timm's published weights from the local Hugging Face cache only.
@@ -196,9 +237,13 @@ def build_timm_vit(
         weights = find_in_hf_cache(hub_id, spec.hub_filenames, backbone=name)
         source = f"{weights} (Hugging Face cache of {hub_id})"
     state_dict: StateDict | None = None
+    layout: Layout | None = None
     if weights is not None:  # read before building: a bad file fails fast
         source = source or str(Path(weights))
-        state_dict = strip_prefix(read_state_dict(weights), "model.")
+        read = read_weights(weights)
+        layout = detect_layout(read.state_dict, read.config)
+        _check_family(layout, spec, name, source)
+        state_dict = to_original_layout(read.state_dict, layout)
     model = timm.create_model(
         spec.timm_name,
         pretrained=False,  # never let timm download; weights are resolved locally below
@@ -212,7 +257,8 @@ def build_timm_vit(
             f"{name}: expected square {patch_size} px patches, got {model.patch_embed.patch_size}"
         )
 
-    if state_dict is not None:
+    if state_dict is not None and layout is not None:
+        check_fits_model(layout, read.config, state_dict, model, spec, name, source)
         try:
             state_dict = spec.filter_fn(state_dict, model)
         except IncompatibleWeightsError as exc:
@@ -222,7 +268,7 @@ def build_timm_vit(
                 f"weights {source} cannot be converted for backbone {name!r} ({spec.timm_name}): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        load_state_dict_strict(model, state_dict, source=source, backbone=name)
+        load_state_dict_strict(model, state_dict, source=f"{source} ({layout.describe()})", backbone=name)
 
     depth = len(model.blocks)
     chosen = resolve_layers(layers, depth, (depth - 1,), name, "block")
@@ -239,7 +285,7 @@ def build_timm_vit(
         num_prefix_tokens=int(model.num_prefix_tokens),
         feature_strides=(patch_size,) * len(chosen),
     )
-    return TimmViTBackbone(model, info, spec)
+    return TimmViTBackbone(model, info, spec, layout)
 
 
 # --- registered specs ------------------------------------------------------------------------
@@ -255,24 +301,28 @@ _RADIO_GLOBAL = (
 )
 
 _IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
+_DINOV2 = partial(_dinov2_filter, antialias=False)
+_DINOV2_REG = partial(_dinov2_filter, antialias=True)
 _SPECS: dict[str, ViTSpec] = {
-    "dinov2_vits14": ViTSpec("vit_small_patch14_dinov2", 14, *_IMAGENET, _dinov2_filter),
-    "dinov2_vitb14": ViTSpec("vit_base_patch14_dinov2", 14, *_IMAGENET, _dinov2_filter),
-    "dinov2_vitl14": ViTSpec("vit_large_patch14_dinov2", 14, *_IMAGENET, _dinov2_filter),
-    "dinov2_vits14_reg": ViTSpec("vit_small_patch14_reg4_dinov2", 14, *_IMAGENET, _dinov2_filter),
-    "dinov2_vitb14_reg": ViTSpec("vit_base_patch14_reg4_dinov2", 14, *_IMAGENET, _dinov2_filter),
-    "dinov2_vitl14_reg": ViTSpec("vit_large_patch14_reg4_dinov2", 14, *_IMAGENET, _dinov2_filter),
-    "dinov3_vits16": ViTSpec("vit_small_patch16_dinov3", 16, *_IMAGENET, _dinov3_filter),
-    "dinov3_vitb16": ViTSpec("vit_base_patch16_dinov3", 16, *_IMAGENET, _dinov3_filter),
-    "dinov3_vitl16": ViTSpec("vit_large_patch16_dinov3", 16, *_IMAGENET, _dinov3_filter),
-    "clip_vitl14_336": ViTSpec("vit_large_patch14_clip_quickgelu_336", 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _dinov2_filter),
+    "dinov2_vits14": ViTSpec("vit_small_patch14_dinov2", "dinov2", 14, *_IMAGENET, _DINOV2),
+    "dinov2_vitb14": ViTSpec("vit_base_patch14_dinov2", "dinov2", 14, *_IMAGENET, _DINOV2),
+    "dinov2_vitl14": ViTSpec("vit_large_patch14_dinov2", "dinov2", 14, *_IMAGENET, _DINOV2),
+    "dinov2_vits14_reg": ViTSpec("vit_small_patch14_reg4_dinov2", "dinov2_reg", 14, *_IMAGENET, _DINOV2_REG),
+    "dinov2_vitb14_reg": ViTSpec("vit_base_patch14_reg4_dinov2", "dinov2_reg", 14, *_IMAGENET, _DINOV2_REG),
+    "dinov2_vitl14_reg": ViTSpec("vit_large_patch14_reg4_dinov2", "dinov2_reg", 14, *_IMAGENET, _DINOV2_REG),
+    "dinov3_vits16": ViTSpec("vit_small_patch16_dinov3", "dinov3", 16, *_IMAGENET, _dinov3_filter),
+    "dinov3_vitb16": ViTSpec("vit_base_patch16_dinov3", "dinov3", 16, *_IMAGENET, _dinov3_filter),
+    "dinov3_vitl16": ViTSpec("vit_large_patch16_dinov3", "dinov3", 16, *_IMAGENET, _dinov3_filter),
+    "clip_vitl14_336": ViTSpec(
+        "vit_large_patch14_clip_quickgelu_336", "clip", 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _clip_filter
+    ),
     # align_corners per release, as timm's factory: C-RADIOv3-B was released with True, -L with False.
     "radio_v3_b16": ViTSpec(
-        "vit_base_patch16_radio_v3", 16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+        "vit_base_patch16_radio_v3", "radio", 16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
         partial(_radio_filter, align_corners=True), global_token=_RADIO_GLOBAL,
     ),
     "radio_v3_l16": ViTSpec(
-        "vit_large_patch16_radio_v3", 16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+        "vit_large_patch16_radio_v3", "radio", 16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
         partial(_radio_filter, align_corners=False), global_token=_RADIO_GLOBAL,
     ),
 }

@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "benchmark": ("benchmark", "per-stage latency, streaming vs bare-engine FPS, RSS and device facts (torch-free)"),
     "distill": ("distill", "teacher run -> small student run that reproduces its maps and scores (knowledge distillation)"),
     "calibrate": ("calibrate", "refit a bundle's thresholds on this camera's good frames, saved to its manifest (torch-free)"),
+    "weights": ("weights", "inspect a foundation-model checkpoint (layout, size, --backbone) or convert it to one timm-layout file"),
     "synth": ("synth", "generator-made anomaly data (text-to-image, inpainting, feature filter) in MVTec layout"),
 }
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_ad.backbones.inspection import weights_provenance
 from edge_ad.methods import AnomalyDetector, BackboneSpec, build_detector, get_method, save_checkpoint
 from edge_ad.methods.checkpoint import CONFIG_FILE, MODEL_FILE
 from edge_ad.runtime.preprocessing import preprocess_batch
@@ -217,12 +218,15 @@ def train(
     try:
         detector = build_detector(method, backbone=BackboneSpec(**spec_fields), **options).to(dev)
         cfg = detector.config
+        # Which weights the run was trained on: sha256 + detected layout (config.yaml, train_log.json).
+        provenance = {"backbone_weights": weights_provenance(weights)} if weights is not None else {}
         if entry.fit_mode == "supervised":
             training = _train_supervised(
                 detector, entry, data, list(categories or ([category] if category else [])), out,
                 synthetic_fraction=0.5 if synthetic_fraction is None else float(synthetic_fraction),
                 synthetic_anomaly_prob=float(synthetic_anomaly_prob), holdout_fraction=holdout_fraction, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                 device=dev, resume=resume, amp=amp, dist_ctx=dist_ctx, progress=progress)
+            training.update(provenance)
             if dist_ctx.is_main:
                 save_checkpoint(detector, out, training=training)
                 (out / TRAIN_LOG_FILE).write_text(json.dumps(training, indent=2))
@@ -231,7 +235,8 @@ def train(
         images, image_paths = _load_good_images(data, category, shots, seed)
         t0 = time.perf_counter()
         training: dict[str, Any] = {"data": str(data), "category": category, "shots": shots, "seed": seed,
-                                    "images": image_paths, "device": str(dev), "world_size": dist_ctx.world_size}
+                                    "images": image_paths, "device": str(dev), "world_size": dist_ctx.world_size,
+                                    **provenance}
         if entry.fit_mode == "gradient":
             training.update(_fit_gradient(
                 detector, images, out, steps=steps or cfg.steps, batch_size=batch_size or cfg.batch_size,
