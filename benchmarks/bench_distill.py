@@ -105,7 +105,7 @@ def bench_category(args: argparse.Namespace, category: str) -> dict[str, Any]:
     row: dict[str, Any] = {"category": category}
     if not (teacher_dir / "model.safetensors").exists():
         t0 = time.perf_counter()
-        train("knn", "efficientnet_lite0", data, category, teacher_dir, shots=None, image_size=args.teacher_size,
+        train("knn", "efficientnet_lite0", data, category, teacher_dir, shots=0, image_size=args.teacher_size,
               layers=[2, 3], device=args.device, progress=True,
               method_options={"max_bank_size": args.max_bank_size})
         row["teacher_train_s"] = round(time.perf_counter() - t0, 1)

@@ -4,7 +4,7 @@ Two variants, chosen 50 / 50 by default:
 
 * ``"normal"``: a rectangle (2-25 % of the image area, aspect 0.3-3.3, log-uniform) cut from one
   place of the image, colour-jittered, pasted at another place.
-* ``"scar"``: a long thin rectangle (2-16 x 10-25 px at 256 px, scaled with the image), jittered,
+* ``"scar"``: a long thin rectangle (2-16 x 10-25 px at ``scar_side`` px, scaled with the image), jittered,
   rotated by a random angle (-45..45 degrees) and pasted.
 
 Pasting is restricted to the image's foreground (:func:`~edge_ad.synth.foreground.foreground_mask`)
@@ -36,8 +36,10 @@ class CutPasteConfig:
         scar_prob: probability of the scar variant (else the normal patch).
         area_ratio: (min, max) patch area as a fraction of the image area (normal variant).
         aspect_ratio: (min, max) patch width / height, sampled log-uniformly (normal variant).
-        scar_width, scar_length: (min, max) scar size in pixels at a 256-pixel image side; scaled
-            by ``min(H, W) / 256``.
+        scar_width, scar_length: (min, max) scar size in pixels at a ``scar_side``-pixel image
+            side; scaled by ``min(H, W) / scar_side``.
+        scar_side: the image side the scar sizes refer to (256: the CutPaste paper's; FoundAD's
+            reference gives them in pixels of its 512-pixel inputs, i.e. 512).
         scar_angle: (min, max) rotation of the scar in degrees.
         jitter: brightness / contrast / saturation factors are drawn from ``[1 - jitter, 1 + jitter]``.
         hue_jitter: hue rotation drawn from ``[-hue_jitter, hue_jitter]`` turns (0.5 = 180 degrees).
@@ -52,6 +54,7 @@ class CutPasteConfig:
     scar_width: tuple[float, float] = (2.0, 16.0)
     scar_length: tuple[float, float] = (10.0, 25.0)
     scar_angle: tuple[float, float] = (-45.0, 45.0)
+    scar_side: float = 256.0
     jitter: float = 0.5
     hue_jitter: float = 0.1
     use_foreground: bool = True
@@ -71,6 +74,8 @@ class CutPasteConfig:
             raise ValueError("aspect_ratio, scar_width and scar_length must be positive")
         if not 0.0 <= self.jitter < 1.0 or self.hue_jitter < 0:
             raise ValueError(f"jitter must be in [0, 1) and hue_jitter >= 0, got {self.jitter}, {self.hue_jitter}")
+        if not self.scar_side > 0:
+            raise ValueError(f"scar_side must be a positive image side in pixels, got {self.scar_side}")
         if self.max_tries < 1:
             raise ValueError(f"max_tries must be >= 1, got {self.max_tries}")
 
@@ -161,7 +166,7 @@ def _paste_scar(
     image: np.ndarray, fg: np.ndarray, rng: np.random.Generator, cfg: CutPasteConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     h, w = image.shape[:2]
-    scale = min(h, w) / 256.0
+    scale = min(h, w) / cfg.scar_side
     sw = int(np.clip(round(rng.uniform(*cfg.scar_width) * scale), 1, w))
     sl = int(np.clip(round(rng.uniform(*cfg.scar_length) * scale), 1, h))
     angle = math.radians(rng.uniform(*cfg.scar_angle))

@@ -27,14 +27,21 @@ from .loop import TRAIN_STATE_FILE, FitConfig, fit, step_seed
 TRAIN_LOG_FILE = "train_log.json"
 
 
-def _load_good_images(data: str | Path, category: str, shots: int | None, seed: int) -> tuple[list[np.ndarray], list[str]]:
-    """The uint8 RGB training images of ``data/category/train/good`` (k of them when ``shots``)."""
+def _load_good_images(data: str | Path, categories: Sequence[str], shots: int | None,
+                      seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """The uint8 RGB training images of ``data/<category>/train/good`` for each category (k of each
+    when ``shots``; sampled with ``seed``, so one category's pick does not depend on the others)."""
     from edge_ad.data import MVTecDataset, sample_k_shot
 
-    dataset = MVTecDataset(data, category, split="train")
-    indices = sample_k_shot(len(dataset), shots, seed) if shots else list(range(len(dataset)))
-    samples = [dataset[i] for i in indices]
-    return [s.image for s in samples], [str(s.path) for s in samples]
+    images: list[np.ndarray] = []
+    paths: list[str] = []
+    for category in categories:
+        dataset = MVTecDataset(data, category, split="train")
+        indices = sample_k_shot(len(dataset), shots, seed) if shots else list(range(len(dataset)))
+        samples = [dataset[i] for i in indices]
+        images += [s.image for s in samples]
+        paths += [str(s.path) for s in samples]
+    return images, paths
 
 
 def _fit_gradient(
@@ -51,15 +58,20 @@ def _fit_gradient(
     amp: bool,
     dist_ctx: DistContext,
     progress: bool,
+    max_minutes: float | None = None,
+    eta_hint: str = "",
 ) -> dict[str, Any]:
     """Train a ``fit_mode == "gradient"`` method (FoundAD) with the generic loop."""
     from edge_ad.methods.foundad.loss import loss_fn
     from edge_ad.synth import CutPaste
     from edge_ad.synth.foreground import foreground_mask
 
+    from .augment import ReferenceAugment
+
     cfg = detector.config
     spec = detector.preprocess_spec
-    cutpaste = CutPaste()
+    cutpaste = CutPaste(hue_jitter=cfg.cutpaste_hue_jitter, scar_side=cfg.cutpaste_scar_side)
+    augment = ReferenceAugment() if cfg.augment else None
     # Per image, computed once: the foreground mask CutPaste pastes into, and the clean target
     # tokens (the encoder is frozen, so f(clean) never changes: caching it halves encoder work).
     foregrounds = [foreground_mask(img) for img in images]
@@ -69,26 +81,45 @@ def _fit_gradient(
 
     def make_batch(step: int, rank: int):
         # Same sampling as foundad.loss.build_training_batch (per-sample coin, CutPaste inside the
-        # foreground), but only synthetic contexts are preprocessed and encoded: clean samples
-        # reuse the cached tokens, which is most of the work on a CPU.
+        # foreground), but only images that differ from the cached clean ones are preprocessed and
+        # encoded: un-augmented clean samples reuse the cached tokens (most of the work on a CPU).
+        # With augmentation the target is the augmented image and the context its CutPaste copy,
+        # as in the reference (target and context come from the same augmented batch).
         rng = np.random.default_rng(step_seed(seed, step, rank))
         pick = rng.integers(0, len(images), size=batch_size)
         target = clean_tokens[torch.from_numpy(pick).to(device)]
         context = target.clone()
-        synthetic = [j for j in range(batch_size) if rng.random() < cfg.synthetic_prob]
-        if synthetic:
-            augmented = [cutpaste(images[pick[j]], rng, foreground=foregrounds[pick[j]])[0] for j in synthetic]
-            pixels = torch.from_numpy(preprocess_batch(augmented, spec, color_order="rgb")).to(device)
+        encode: list[np.ndarray] = []
+        slots: list[tuple[str, int]] = []  # ("target" | "context", sample index) per encoded image
+        for j in range(batch_size):
+            image, fg = images[pick[j]], foregrounds[pick[j]]
+            if augment is not None:
+                image, fg, applied = augment(image, rng, fg)
+                if applied:
+                    encode.append(image)
+                    slots.append(("target", j))
+            if rng.random() < cfg.synthetic_prob:
+                encode.append(cutpaste(image, rng, foreground=fg)[0])
+                slots.append(("context", j))
+        if encode:
+            pixels = torch.from_numpy(preprocess_batch(encode, spec, color_order="rgb")).to(device)
             with torch.no_grad():
-                context[torch.tensor(synthetic, device=device)] = detector.features(pixels)
+                tokens = torch.cat([detector.features(pixels[i : i + 8]) for i in range(0, len(encode), 8)])
+            for (kind, j), tok in zip(slots, tokens):
+                if kind == "target":
+                    target[j] = tok
+                    context[j] = tok  # the clean context of an augmented image, unless CutPaste follows
+                else:
+                    context[j] = tok
         return target, context
 
     fit_cfg = FitConfig(steps=steps, lr=lr, weight_decay=cfg.weight_decay, seed=seed, amp=amp,
-                        checkpoint_every=max(10, steps // 5))
+                        checkpoint_every=max(10, steps // 5), max_seconds=60.0 * (max_minutes or 0.0))
     result = fit(detector, make_batch, loss_fn, fit_cfg, out, device=device, resume=resume, dist_ctx=dist_ctx,
-                 progress=progress, description=f"train {detector.method}")
+                 progress=progress, description=f"train {detector.method}", eta_hint=eta_hint)
     return {"fit": result.to_dict(), "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": cfg.weight_decay,
-                                                   "batch_size": batch_size, "steps": steps}}
+                                                   "batch_size": batch_size, "steps": steps},
+            "augment": cfg.augment}
 
 
 def _train_supervised(
@@ -128,16 +159,17 @@ def _train_supervised(
 
 def train(
     method: str,
-    backbone: str,
+    backbone: str | None,
     data: str | Path | Sequence[str | Path],
     category: str | None,
     out: str | Path,
     *,
+    preset: str | None = None,
     categories: Sequence[str] | None = None,
     synthetic_fraction: float | None = None,
-    synthetic_anomaly_prob: float = 1.0,
-    holdout_fraction: float = 0.2,
-    shots: int | None = 8,
+    synthetic_anomaly_prob: float | None = None,
+    holdout_fraction: float | None = None,
+    shots: int | None = None,
     weights: str | Path | None = None,
     pretrained: bool = True,
     image_size: int | tuple[int, int] | None = None,
@@ -152,25 +184,33 @@ def train(
     progress: bool = True,
     backbone_overrides: dict[str, Any] | None = None,
     method_options: dict[str, Any] | None = None,
+    max_minutes: float | None = None,
 ) -> Path:
     """Train (or fit) a detector on the good training images of ``data/category`` and save the run.
 
     Args:
         method: registry name (``"foundad"``, ``"knn"``; see ``edge_ad.methods.list_methods()``).
-        backbone: backbone registry name (``"efficientnet_lite0"``, ``"dinov3_vitb16"``, ...).
+        backbone: backbone registry name (``"efficientnet_lite0"``, ``"dinov3_vitb16"``, ...);
+            None = the preset's (or, without a preset, the method config's default backbone).
         data: dataset root (MVTec layout); ``category`` is a folder in it. Zero-shot
             (``fit_mode == "supervised"``) methods accept several roots.
         category: the category to fit (few-shot / memory methods); zero-shot methods take
             ``categories`` instead (``category`` alone counts as a one-element list).
-        categories: auxiliary categories of a zero-shot method (None = every category in ``data``).
+        preset: ``"paper"`` (the reference code's recipe) or ``"edge"`` (CPU-friendly); fills
+            every argument left None (see :mod:`edge_ad.training.presets`, docs/REPRODUCE.md).
+            Explicit arguments win.
+        categories: auxiliary categories of a zero-shot method (None = every category in ``data``);
+            for FoundAD, several categories train one category-agnostic model (each category
+            contributes ``shots`` images; evaluate each with ``edge_ad.evaluate``).
         synthetic_fraction: zero-shot methods: share of each batch drawn from good images and given
             an on-the-fly CutPaste / Perlin anomaly (default 0.5; 1.0 = no real annotated samples).
         synthetic_anomaly_prob: zero-shot methods: share of those good images that get an
             anomaly (the rest are clean negatives; default 1.0 = all anomalous).
         holdout_fraction: zero-shot methods: share of each category's samples held back and
-            scored at the end (``train_log.json["holdout"]``).
+            scored at the end (``train_log.json["holdout"]``; default 0.2).
         out: run directory to write (``model.safetensors``, ``config.yaml``, ``train_log.json``).
-        shots: number of good images to use (k-shot, sampled with ``seed``); None = all of them.
+        shots: good images per category (k-shot, sampled with ``seed``); 0 = all of them;
+            None = the preset's, else 8.
         weights: local backbone weights file (``.safetensors`` / ``.pth``); overrides ``pretrained``.
         pretrained: load the backbone's default weights offline (hub cache / bundled package);
             False = random init (only useful for tests).
@@ -183,20 +223,69 @@ def train(
         resume: continue an interrupted run from ``out/train_state.pt``.
         amp: mixed precision on CUDA.
         backbone_overrides: extra backbone constructor arguments (tiny test models).
-        method_options: extra method config fields (e.g. ``{"top_k": 5}``).
+        method_options: extra method config fields (e.g. ``{"top_k": 5}``); they override the
+            preset's.
+        max_minutes: wall-clock budget of the optimisation (gradient / supervised methods): the
+            run stops cleanly after the step that reaches it and is saved usable (normalised and
+            checkpointed); ``resume=True`` continues it. None = no budget.
 
     Returns:
         The run directory.
     """
     out = Path(out)
     entry = get_method(method)
+    all_categories = False
+    eta_hint = ""
+    if preset is not None:
+        from .presets import get_preset
+
+        chosen = get_preset(method, preset)
+        given = {"image_size": image_size, "layers": layers, "steps": steps, "batch_size": batch_size, "lr": lr,
+                 "shots": shots, "synthetic_fraction": synthetic_fraction,
+                 "synthetic_anomaly_prob": synthetic_anomaly_prob, "holdout_fraction": holdout_fraction}
+        filled = {k: (v if v is not None else chosen.train.get(k)) for k, v in given.items()}
+        image_size, layers, steps, batch_size, lr = (filled[k] for k in ("image_size", "layers", "steps",
+                                                                         "batch_size", "lr"))
+        shots, synthetic_fraction = filled["shots"], filled["synthetic_fraction"]
+        synthetic_anomaly_prob, holdout_fraction = filled["synthetic_anomaly_prob"], filled["holdout_fraction"]
+        backbone = backbone or chosen.backbone
+        method_options = {**chosen.options, **(method_options or {})}
+        all_categories = chosen.all_categories
+        cheaper = [p for m, p in _cheaper_presets(method, preset)]
+        if cheaper:
+            eta_hint = (f"hint: on a CPU, `--preset {cheaper[0]}` is the cheaper recipe "
+                        f"(`edge-ad train --method {method} --preset {cheaper[0]} --print-config` lists it); "
+                        "or bound this run with --max-minutes")
+    else:
+        cheaper = [p for m, p in _cheaper_presets(method, None)]
+        if cheaper:
+            eta_hint = (f"hint: on a CPU, `--preset {cheaper[0]}` is a CPU-sized recipe for {method} "
+                        "(see docs/REPRODUCE.md); or bound this run with --max-minutes")
+    backbone = backbone or entry.config_class().backbone.name
+    shots = 8 if shots is None else (int(shots) or None)  # 0 = every good image
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"max_minutes must be > 0 (a budget in minutes), got {max_minutes}")
+    fit_categories: list[str] = []
     if entry.fit_mode != "supervised":
-        if category is None:
-            raise ValueError(f"method {method!r} fits one category: pass category (--category)")
         if not isinstance(data, (str, Path)):
             raise ValueError(f"method {method!r} takes one dataset root, got {len(data)}")
-        if categories:
-            raise ValueError(f"method {method!r} fits one category; --categories is for zero-shot methods")
+        if categories and entry.fit_mode != "gradient":
+            raise ValueError(f"method {method!r} fits one category; --categories is for zero-shot methods "
+                             "and FoundAD's multi-category model")
+        if categories and category is not None:
+            raise ValueError("pass either category (one model for one category) or categories (one model "
+                             "for several), not both")
+        if category is not None:
+            fit_categories = [category]
+        elif categories:
+            fit_categories = list(categories)
+        elif all_categories:
+            from edge_ad.data.mvtec import list_categories
+
+            fit_categories = list_categories(data)
+        if not fit_categories:
+            raise ValueError(f"method {method!r} fits one category: pass category (--category)"
+                             + (" or categories (--categories)" if entry.fit_mode == "gradient" else ""))
     elif entry.loss_fn is None:
         raise RuntimeError(f"method {method!r} is supervised but its METHOD entry has no loss_fn")
     options = dict(method_options or {})
@@ -224,24 +313,29 @@ def train(
             training = _train_supervised(
                 detector, entry, data, list(categories or ([category] if category else [])), out,
                 synthetic_fraction=0.5 if synthetic_fraction is None else float(synthetic_fraction),
-                synthetic_anomaly_prob=float(synthetic_anomaly_prob), holdout_fraction=holdout_fraction, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                device=dev, resume=resume, amp=amp, dist_ctx=dist_ctx, progress=progress)
+                synthetic_anomaly_prob=1.0 if synthetic_anomaly_prob is None else float(synthetic_anomaly_prob),
+                holdout_fraction=0.2 if holdout_fraction is None else float(holdout_fraction),
+                steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=dev, resume=resume, amp=amp,
+                dist_ctx=dist_ctx, progress=progress, max_minutes=max_minutes, eta_hint=eta_hint)
+            training["preset"] = preset
             training.update(provenance)
             if dist_ctx.is_main:
                 save_checkpoint(detector, out, training=training)
                 (out / TRAIN_LOG_FILE).write_text(json.dumps(training, indent=2))
             barrier(dist_ctx)
             return out
-        images, image_paths = _load_good_images(data, category, shots, seed)
+        images, image_paths = _load_good_images(data, fit_categories, shots, seed)
         t0 = time.perf_counter()
-        training: dict[str, Any] = {"data": str(data), "category": category, "shots": shots, "seed": seed,
-                                    "images": image_paths, "device": str(dev), "world_size": dist_ctx.world_size,
+        training: dict[str, Any] = {"data": str(data), "category": fit_categories[0] if len(fit_categories) == 1
+                                    else None, "categories": fit_categories, "shots": shots, "seed": seed,
+                                    "preset": preset, "images": image_paths, "device": str(dev),
+                                    "world_size": dist_ctx.world_size,
                                     **provenance}
         if entry.fit_mode == "gradient":
             training.update(_fit_gradient(
                 detector, images, out, steps=steps or cfg.steps, batch_size=batch_size or cfg.batch_size,
                 lr=lr or cfg.lr, seed=seed, device=dev, resume=resume, amp=amp, dist_ctx=dist_ctx,
-                progress=progress))
+                progress=progress, max_minutes=max_minutes, eta_hint=eta_hint))
         elif entry.fit_mode == "memory":
             good = torch.from_numpy(preprocess_batch(images, detector.preprocess_spec, color_order="rgb"))
             detector.fit(good.split(8), progress=progress)
@@ -257,6 +351,13 @@ def train(
     finally:
         shutdown_distributed(dist_ctx)
     return out
+
+
+def _cheaper_presets(method: str, current: str | None) -> list[tuple[str, str]]:
+    """The CPU-sized presets of ``method`` other than ``current`` (for the long-run hint)."""
+    from .presets import PRESETS
+
+    return [(m, n) for (m, n), p in PRESETS.items() if m == method and n != current and "CPU" in p.hardware]
 
 
 __all__ = ["train", "TRAIN_LOG_FILE", "CONFIG_FILE", "MODEL_FILE"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,10 @@ class FitConfig:
         checkpoint_every: steps between ``train_state.pt`` writes (always written at the end).
         accumulate: micro-batches per optimiser step (gradient accumulation; effective batch =
             micro-batch x accumulate x world size).
+        max_seconds: wall-clock budget of this call (0 = none). When the next step would end past
+            it, the loop stops cleanly after the current step and writes ``train_state.pt``; the
+            run is usable as it is and ``resume=True`` continues to ``steps``.
+        eta_after: steps timed before the estimate of the whole run is printed.
     """
 
     steps: int = 300
@@ -63,8 +68,12 @@ class FitConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     accumulate: int = 1
+    max_seconds: float = 0.0
+    eta_after: int = 3
 
     def __post_init__(self) -> None:
+        if self.max_seconds < 0:
+            raise ValueError(f"max_seconds must be >= 0 (0 = no budget), got {self.max_seconds}")
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1 micro-batch per step, got {self.accumulate}")
         if self.steps <= 0:
@@ -75,12 +84,20 @@ class FitConfig:
 
 @dataclass
 class FitResult:
-    """What a fit produced: the loss curve (mean over ranks, every ``log_every`` steps) and timing."""
+    """What a fit produced: the loss curve (mean over ranks, every ``log_every`` steps) and timing.
+
+    ``stopped_early`` is True when ``max_seconds`` ended the run at ``end_step`` < ``target_steps``;
+    ``eta_seconds`` is the whole run's estimate from the first ``eta_after`` steps (None if fewer ran).
+    """
 
     losses: list[tuple[int, float]] = field(default_factory=list)
     start_step: int = 0
     end_step: int = 0
+    target_steps: int = 0
     seconds: float = 0.0
+    seconds_per_step: float | None = None
+    eta_seconds: float | None = None
+    stopped_early: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,6 +182,7 @@ def fit(
     progress: bool = True,
     description: str = "train",
     param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
+    eta_hint: str = "",
 ) -> FitResult:
     """Optimise ``model``'s trainable parameters.
 
@@ -178,6 +196,8 @@ def fit(
         dist_ctx: from :func:`edge_ad.training.distributed.init_distributed`; DDP when world_size > 1.
         param_groups: ``model -> list of {"params", "lr", optional "grad_clip"}``; every trainable
             parameter must be in exactly one group. None = one group at ``cfg.lr``.
+        eta_hint: printed after the time estimate when training on a CPU and the estimate exceeds
+            :data:`LONG_RUN_SECONDS` (e.g. the cheaper preset to use instead).
 
     Returns:
         :class:`FitResult` with the logged loss curve.
@@ -246,6 +266,7 @@ def fit(
     model.train()
     t0 = time.perf_counter()
     running = 0.0
+    result.target_steps = end_step = cfg.steps
     for step in range(start_step, cfg.steps):
         torch.manual_seed(step_seed(cfg.seed, step, dist_ctx.rank))  # dropout etc. reproducible on resume
         for group, spec in zip(optimizer.param_groups, groups):
@@ -288,13 +309,71 @@ def fit(
                 bar.set_postfix(loss=f"{result.losses[-1][1]:.4g}")
         if bar is not None:
             bar.update(1)
+        ran, elapsed = done - start_step, time.perf_counter() - t0
+        if ran == cfg.eta_after and done < cfg.steps:
+            result.seconds_per_step = elapsed / ran
+            result.eta_seconds = result.seconds_per_step * (cfg.steps - start_step)
+            if progress and dist_ctx.is_main:
+                _announce_eta(result, cfg, device, eta_hint, bar)
+        if cfg.max_seconds and done < cfg.steps and _out_of_budget(elapsed, ran, cfg.max_seconds, dist_ctx, device):
+            if running and done % cfg.log_every:
+                result.losses.append((done, running / (done % cfg.log_every)))
+            end_step, result.stopped_early = done, True
+            if progress and dist_ctx.is_main:
+                _say(f"--max-minutes budget reached: stopped cleanly at step {done}/{cfg.steps}; the run is "
+                     "usable now, and resume=True (--resume) continues it", bar)
+            break
         if done % cfg.checkpoint_every == 0 and done != cfg.steps:
             save(done)
-    save(cfg.steps)
+    save(end_step)
     barrier(dist_ctx)
     if bar is not None:
         bar.close()
     model.eval()
-    result.start_step, result.end_step = start_step, cfg.steps
+    result.start_step, result.end_step = start_step, end_step
     result.seconds = time.perf_counter() - t0
+    if result.seconds_per_step is None and end_step > start_step:
+        result.seconds_per_step = result.seconds / (end_step - start_step)
     return result
+
+
+#: Estimated runs longer than this (seconds) on a CPU get the ``eta_hint`` printed.
+LONG_RUN_SECONDS = 30 * 60.0
+
+
+def format_duration(seconds: float) -> str:
+    """``'7 h 05 min'``, ``'12 min'`` or ``'40 s'``."""
+    seconds = max(0.0, float(seconds))
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    if seconds >= 60:
+        return f"{round(seconds / 60)} min"
+    return f"{round(seconds)} s"
+
+
+def _say(message: str, bar: Any) -> None:
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _announce_eta(result: FitResult, cfg: FitConfig, device: torch.device, hint: str, bar: Any) -> None:
+    """Print the whole run's estimate from the first steps (and the hint for long CPU runs)."""
+    message = (f"estimated training time: {format_duration(result.eta_seconds or 0.0)} for "
+               f"{cfg.steps - result.start_step} steps ({result.seconds_per_step:.2f} s/step over the first "
+               f"{cfg.eta_after} steps on {device.type})")
+    if cfg.max_seconds:
+        message += f"; --max-minutes stops it after {format_duration(cfg.max_seconds)}"
+    _say(message, bar)
+    if device.type == "cpu" and hint and (result.eta_seconds or 0.0) > LONG_RUN_SECONDS:
+        _say(hint, bar)
+
+
+def _out_of_budget(elapsed: float, ran: int, budget: float, dist_ctx: DistContext, device: torch.device) -> bool:
+    """True when one more step (at the mean pace so far) would end past ``budget``; under DDP the
+    ranks agree (any rank out of budget stops all, so none waits in a collective)."""
+    late = elapsed + elapsed / max(1, ran) > budget
+    if not dist_ctx.enabled:
+        return late
+    return float(all_reduce_mean(torch.tensor(float(late), device=device), dist_ctx)) > 0

@@ -350,6 +350,8 @@ def fit_supervised(
     amp: bool = True,
     dist_ctx: DistContext | None = None,
     progress: bool = True,
+    max_minutes: float | None = None,
+    eta_hint: str = "",
 ) -> dict[str, Any]:
     """Train a supervised detector on ``data`` with the generic loop; returns the training record.
 
@@ -360,6 +362,8 @@ def fit_supervised(
         synthetic_fraction: share of each batch drawn from good images (synthetic part).
         synthetic_anomaly_prob: share of the synthetic part that gets an anomaly (the rest are
             clean negatives); 1.0 = every synthetic sample is anomalous.
+        max_minutes: wall-clock budget (see :attr:`edge_ad.training.loop.FitConfig.max_seconds`).
+        eta_hint: printed with the time estimate of a long CPU run (the cheaper preset).
     """
     t = _training_fields(detector)
     steps = int(steps or t["steps"])
@@ -367,12 +371,14 @@ def fit_supervised(
     lr = float(lr or t["lr"])
     fit_cfg = FitConfig(steps=steps, lr=lr, weight_decay=float(t["weight_decay"]), grad_clip=float(t["grad_clip"]),
                         warmup_steps=int(t["warmup_steps"]), min_lr_ratio=float(t["min_lr_ratio"]), seed=seed,
-                        amp=amp, accumulate=int(t["accumulate"]), checkpoint_every=max(10, steps // 5))
+                        amp=amp, accumulate=int(t["accumulate"]), checkpoint_every=max(10, steps // 5),
+                        max_seconds=60.0 * (max_minutes or 0.0))
     make_batch = _BatchMaker(detector, data, batch_size=batch_size, synthetic_fraction=synthetic_fraction,
                              seed=seed, device=device, anomaly_prob=synthetic_anomaly_prob)
     groups = (lambda model: param_groups(model, lr)) if param_groups is not None else None
     result = fit(detector, make_batch, loss_fn, fit_cfg, out, device=device, resume=resume, dist_ctx=dist_ctx,
-                 progress=progress, description=f"train {detector.method} (zero-shot)", param_groups=groups)
+                 progress=progress, description=f"train {detector.method} (zero-shot)", param_groups=groups,
+                 eta_hint=eta_hint)
     effective = batch_size * fit_cfg.accumulate * (dist_ctx.world_size if dist_ctx is not None else 1)
     return {
         "fit": result.to_dict(),

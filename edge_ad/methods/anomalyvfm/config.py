@@ -47,8 +47,9 @@ class AnomalyVFMConfig(MethodConfig):
         norm_groups: GroupNorm groups (32).
         summary_tokens: leading prefix tokens concatenated for the image head; None = per
             backbone (:func:`default_summary_tokens`).
-        mean_filter_size: side (pixels, odd) of the mean filter applied to the upsampled map
-            inside the graph (5); 1 = off. ``smoothing_sigma`` (the base class's Gaussian) is 0.
+        mean_filter_size: side (odd, in decoder-map cells) of the mean filter applied to the
+            decoder's probability map before it is upsampled to the input, inside the graph (5,
+            as the reference on its 96 x 96 map); 1 = off. ``smoothing_sigma`` (the base class's Gaussian) is 0.
 
     Loss (``loss.py``):
         focal_weight: weight of the pixel focal term in the base loss (5).

@@ -141,16 +141,21 @@ class AnomalyVFM(AnomalyDetector):
         return AnomalyVFMOutputs(mask_logit, conf_logit, image_logit)
 
     def forward_raw(self, images: torch.Tensor) -> DetectorOutput:
-        """sigma(mask logit) resized to the input and mean-filtered (B, 1, H, W); sigma(image logit) (B,).
+        """sigma(mask logit) mean-filtered on the decoder grid, then resized to the input (B, 1, H, W);
+        sigma(image logit) (B,).
 
-        Both are probabilities in [0, 1] before normalisation.
+        Both are probabilities in [0, 1] before normalisation. The k x k mean filter runs on the
+        decoder's logit grid (``decoder_size``, 96 x 96 at 768 px) as the reference's test.py does
+        (``AvgPool2d(5, 1, 2)`` on the 96 x 96 map); filtering after upsampling to 768 px would
+        smooth 8x less.
         """
         out = self.logits(images)
-        prob = upsample_to(torch.sigmoid(out.mask_logit), self.image_size)
+        prob = torch.sigmoid(out.mask_logit)
         k = self.config.mean_filter_size
         if k > 1:
             # A fixed mean filter; count_include_pad=False keeps the border unbiased (no zero padding).
             prob = F.avg_pool2d(prob, k, stride=1, padding=k // 2, count_include_pad=False)
+        prob = upsample_to(prob, self.image_size)
         prob = self.smoother(prob)  # identity unless smoothing_sigma > 0
         return DetectorOutput(prob, torch.sigmoid(out.image_logit))
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import TEXT_LAYOUTS
+
 __all__ = ["AVADinoHead", "BottleneckAdapter", "DualAdapter"]
 
 
@@ -71,6 +73,8 @@ class AVADinoHead(nn.Module):
         routing_temperature: softmax temperature of :meth:`routing`.
         cross_modal_scale: logit scale of the cross-modal map and the global logits (100).
         calibration_scale: logit scale of the calibration map (10).
+        text_layout: how the two adapted prompts become the columns T_n, T_a (see
+            :data:`TEXT_LAYOUTS` and :meth:`class_embeddings`).
 
     Attributes:
         patch_adapters, cls_adapters: L dual adapters each.
@@ -83,8 +87,11 @@ class AVADinoHead(nn.Module):
 
     def __init__(self, feature_dim: int, num_layers: int, text_dim: int, bottleneck: int,
                  routing_temperature: float = 0.1, cross_modal_scale: float = 100.0,
-                 calibration_scale: float = 10.0) -> None:
+                 calibration_scale: float = 10.0, text_layout: str = "paper") -> None:
         super().__init__()
+        if text_layout not in TEXT_LAYOUTS:
+            raise ValueError(f"text_layout must be one of {TEXT_LAYOUTS}, got {text_layout!r}")
+        self.text_layout = text_layout
         self.feature_dim = int(feature_dim)
         self.text_dim = int(text_dim)
         self.routing_temperature = float(routing_temperature)
@@ -111,7 +118,14 @@ class AVADinoHead(nn.Module):
         as in the reference code)."""
         normal = self.prompt_adapters[0].bottleneck(text[:, 0])
         abnormal = self.prompt_adapters[1].bottleneck(text[:, 1])
-        return self.text_projection(torch.stack([normal, abnormal], dim=1))
+        if self.text_layout == "reference":
+            # The reference's ``cat([adj0, adj1], 1).view(B, 768, 2)``: column k takes every other
+            # entry starting at k of the concatenation, so each column mixes both prompts.
+            flat = torch.cat([normal, abnormal], dim=-1)  # (B|1, 2D)
+            columns = flat.reshape(flat.shape[0], self.text_dim, 2).transpose(1, 2)  # (B|1, 2, D)
+        else:
+            columns = torch.stack([normal, abnormal], dim=1)
+        return self.text_projection(columns)
 
     def forward(self, patches: list[torch.Tensor], cls: list[torch.Tensor], text: torch.Tensor,
                 training: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,

@@ -5,7 +5,12 @@ from dataclasses import dataclass, field
 
 from ..base import BackboneSpec, MethodConfig
 
-__all__ = ["AVADinoConfig"]
+__all__ = ["AVADinoConfig", "TEXT_LAYOUTS"]
+
+#: ``"paper"``: T_n from the normal prompt, T_a from the abnormal one (the paper's meaning).
+#: ``"reference"``: the reference code's interleaved columns (tools/utils.py:105); weights trained
+#: by the reference code only load correctly with it.
+TEXT_LAYOUTS = ("paper", "reference")
 
 
 @dataclass
@@ -40,6 +45,9 @@ class AVADinoConfig(MethodConfig):
             listed uses its folder name with ``_`` replaced by a space.
         text_model: local CLIP directory used to encode class names (training / conversion only).
         text_embeddings: precomputed ``.safetensors`` embeddings file (class name -> (2, D)).
+        text_layout: ``"paper"`` (T_n from the normal prompt, T_a from the abnormal one) or
+            ``"reference"`` (the reference code's interleaved ``view(B, 768, 2)`` columns, needed
+            to load weights trained by the reference code; the paper preset uses it).
         seg_weight, calibration_weight, global_weight, routing_weight: loss weights.
         focal_gamma: focusing exponent of the focal loss.
         steps, batch_size, accumulate, lr, weight_decay, grad_clip, warmup_steps, min_lr_ratio:
@@ -61,6 +69,7 @@ class AVADinoConfig(MethodConfig):
     class_names: dict[str, str] = field(default_factory=dict)
     text_model: str | None = None
     text_embeddings: str | None = None
+    text_layout: str = "paper"
     seg_weight: float = 0.5
     calibration_weight: float = 0.25
     global_weight: float = 0.25
@@ -97,6 +106,8 @@ class AVADinoConfig(MethodConfig):
                 raise ValueError(f"{name} must be >= 0, got {value}")
             setattr(self, name, value)
         self.min_lr_ratio = float(self.min_lr_ratio)
+        if self.text_layout not in TEXT_LAYOUTS:
+            raise ValueError(f"text_layout must be one of {TEXT_LAYOUTS}, got {self.text_layout!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1] (1 = constant lr), got {self.min_lr_ratio}")
         if not isinstance(self.class_names, dict):

@@ -97,7 +97,7 @@ class AVADino(AnomalyDetector):
         self.num_layers = len(info.layers)
         self.width = int(info.feature_dims[0])
         self.head = AVADinoHead(self.width, self.num_layers, cfg.text_dim, cfg.bottleneck, cfg.routing_temperature,
-                                cfg.cross_modal_scale, cfg.calibration_scale)
+                                cfg.cross_modal_scale, cfg.calibration_scale, cfg.text_layout)
         self.register_buffer("text_features", torch.zeros(2, cfg.text_dim))
         self._text: TextEmbeddings | None = None
 

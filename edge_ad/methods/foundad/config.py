@@ -33,6 +33,13 @@ class FoundADConfig(MethodConfig):
             the checkpoint's ``training`` section).
         synthetic_prob: probability that a training sample's context image is a CutPaste
             synthetic anomaly instead of the clean image (the target is always the clean image).
+        augment: apply the reference's staged training augmentation (30 % flip / rot90, 30 %
+            colour jitter / grey / blur; :class:`edge_ad.training.augment.ReferenceAugment`) to
+            each training image before CutPaste; target and context see the same augmented image.
+        cutpaste_hue_jitter: hue jitter of the pasted patch in turns (reference: ``ColorJitter(0.5)``
+            for brightness, contrast, saturation and hue, ``src/train.py:61``).
+        cutpaste_scar_side: image side (pixels) at which the CutPaste scar sizes (2-16 x 10-25 px)
+            apply; the reference draws them in pixels of its 512-pixel inputs.
     """
 
     backbone: BackboneSpec = field(
@@ -49,6 +56,9 @@ class FoundADConfig(MethodConfig):
     batch_size: int = 8
     steps: int = 2000
     synthetic_prob: float = 0.5
+    augment: bool = True
+    cutpaste_hue_jitter: float = 0.5
+    cutpaste_scar_side: float = 512.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,5 +82,11 @@ class FoundADConfig(MethodConfig):
         self.projector_mlp_ratio = float(self.projector_mlp_ratio)
         self.feature_dropout = float(self.feature_dropout)
         self.synthetic_prob = float(self.synthetic_prob)
+        self.augment = bool(self.augment)
+        self.cutpaste_hue_jitter = float(self.cutpaste_hue_jitter)
+        self.cutpaste_scar_side = float(self.cutpaste_scar_side)
+        if self.cutpaste_hue_jitter < 0 or not self.cutpaste_scar_side > 0:
+            raise ValueError("cutpaste_hue_jitter must be >= 0 and cutpaste_scar_side > 0 pixels, got "
+                             f"{self.cutpaste_hue_jitter}, {self.cutpaste_scar_side}")
         self.lr = float(self.lr)
         self.weight_decay = float(self.weight_decay)
