@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E402  (run from a checkout)
 
 from edge_ad.runtime import PreprocessSpec, cv2_available, extension_available, preprocess  # noqa: E402
+from edge_ad.runtime.preprocess_spec import RESIZE_MODES, effective_resize  # noqa: E402
 
 
 def _parse_wxh(text: str) -> tuple[int, int]:
@@ -49,10 +50,16 @@ def _parse_size(text: str) -> tuple[int, int]:
     return n, n
 
 
-def _cv2_baseline(spec: PreprocessSpec) -> Callable[[np.ndarray], np.ndarray]:
+def _cv2_flag(cv2, spec: PreprocessSpec, frame_hw: tuple[int, int]) -> int:
+    """The OpenCV interpolation matching ``spec.resize`` for frames of (height, width) ``frame_hw``."""
+    mode = effective_resize(spec.resize, frame_hw, spec.size)
+    return cv2.INTER_LINEAR if mode == "bilinear" else cv2.INTER_AREA
+
+
+def _cv2_baseline(spec: PreprocessSpec, frame_hw: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
     import cv2
 
-    flag = cv2.INTER_LINEAR if spec.resize == "bilinear" else cv2.INTER_AREA
+    flag = _cv2_flag(cv2, spec, frame_hw)
     mean = np.asarray(spec.mean, np.float32)
     std = np.asarray(spec.std, np.float32)
 
@@ -65,15 +72,17 @@ def _cv2_baseline(spec: PreprocessSpec) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def _variants(spec: PreprocessSpec, threads: int) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+def _variants(
+    spec: PreprocessSpec, threads: int, frame_hw: tuple[int, int]
+) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
     out32 = np.empty((1, 3, spec.height, spec.width), np.float32)
     out16 = np.empty((1, 3, spec.height, spec.width), np.float16)
     v: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = []
     if cv2_available():
         import cv2
 
-        flag = cv2.INTER_LINEAR if spec.resize == "bilinear" else cv2.INTER_AREA
-        v.append(("cv2.resize + numpy (baseline)", _cv2_baseline(spec)))
+        flag = _cv2_flag(cv2, spec, frame_hw)
+        v.append(("cv2.resize + numpy (baseline)", _cv2_baseline(spec, frame_hw)))
         # For scale: the resize alone, uint8 HWC out, no normalisation / layout change.
         size = (spec.width, spec.height)
         v.append(("  (cv2.resize alone, uint8 HWC)", lambda f: cv2.resize(f, size, interpolation=flag)))
@@ -89,7 +98,7 @@ def _variants(spec: PreprocessSpec, threads: int) -> list[tuple[str, Callable[[n
 def bench(
     frame: np.ndarray, spec: PreprocessSpec, repeats: int, threads: int, warmup: int = 5
 ) -> list[tuple[str, float]]:
-    variants = _variants(spec, threads)
+    variants = _variants(spec, threads, frame.shape[:2])
     # The numpy reference is ~100x slower: give it fewer rounds so the run stays short.
     slow_every = max(1, repeats // 20)
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
@@ -112,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=_parse_size, default=(224, 224), help="model input N or WxH (default 224)")
     ap.add_argument("--repeats", type=int, default=200, help="timed rounds per variant (default 200)")
     ap.add_argument("--threads", type=int, default=0, help="extension threads for the multi-thread rows (0 = auto)")
-    ap.add_argument("--modes", nargs="+", default=["bilinear", "area"], choices=["bilinear", "area"])
+    ap.add_argument("--modes", nargs="+", default=["auto", "bilinear", "area"], choices=list(RESIZE_MODES),
+                    help="resize modes to time (default: all; 'auto' is the default mode, area when downscaling)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.repeats <= 0 or args.threads < 0:

@@ -4,7 +4,23 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-RESIZE_MODES = ("bilinear", "area")
+RESIZE_MODES = ("auto", "bilinear", "area")
+#: What a spec that does not name its resize mode uses: antialiased when downscaling.
+DEFAULT_RESIZE = "auto"
+
+
+def effective_resize(mode: str, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> str:
+    """The concrete mode (``"bilinear"`` or ``"area"``) ``mode`` means for one frame size.
+
+    ``"auto"`` is ``"area"`` when neither axis upscales (``src >= dst`` on both), else
+    ``"bilinear"``; the other modes are returned unchanged. Sizes are (height, width) in pixels.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    down = src_hw[0] >= dst_hw[0] and src_hw[1] >= dst_hw[1]
+    return "area" if down else "bilinear"
 
 
 @dataclass(frozen=True)
@@ -14,15 +30,18 @@ class PreprocessSpec:
     Attributes:
         height, width: model input size in pixels.
         mean, std: RGB normalisation applied to pixels scaled to 0..1: ``(p / 255 - mean) / std``.
-        resize: ``"bilinear"`` (half-pixel centres, no antialias: OpenCV INTER_LINEAR) or
-            ``"area"`` (pixel-area averaging: OpenCV INTER_AREA).
+        resize: ``"auto"`` (default: ``"area"`` when neither axis upscales, else ``"bilinear"``,
+            decided per frame), ``"bilinear"`` (half-pixel centres, no antialias: OpenCV
+            INTER_LINEAR) or ``"area"`` (pixel-area averaging: OpenCV INTER_AREA). Bilinear
+            aliases when a large frame is shrunk several times (fine texture turns into moire that
+            looks like a defect); area averaging does not.
     """
 
     height: int
     width: int
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    resize: str = "bilinear"
+    resize: str = DEFAULT_RESIZE
 
     def __post_init__(self) -> None:
         if int(self.height) <= 0 or int(self.width) <= 0:

@@ -12,6 +12,8 @@ float rounding aside):
 * ``roi = (x, y, w, h)`` crops the frame first (it must lie inside the frame).
 * ``resize="bilinear"`` is OpenCV ``INTER_LINEAR`` geometry: half-pixel centres,
   ``src = (dst + 0.5) * in / out - 0.5``, clamped at the borders, no antialiasing.
+* ``resize="auto"`` (the default) is ``"area"`` when neither axis upscales and ``"bilinear"``
+  otherwise, decided per frame: antialiased downscaling without area's blocky upscaling.
 * ``resize="area"`` is OpenCV ``INTER_AREA``: when neither axis upscales, each output pixel is the
   average of the source pixels its footprint covers, weighted by the covered fraction; when any
   axis upscales, OpenCV's INTER_AREA bilinear variant (``sx = floor(dx * scale)``,
@@ -31,11 +33,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .preprocess_spec import PreprocessSpec
+from .preprocess_spec import PreprocessSpec, effective_resize
 
 __all__ = ["cuda_preprocess_available", "extension_available", "preprocess", "preprocess_batch"]
 
-_EXT_API_VERSION = 1
+_EXT_API_VERSION = 2  # 2: resize mode "auto"
 _BUILD_HINT = (
     "Build it from the repository root with `pip install --no-build-isolation -e .` (needs a C++17 "
     "compiler, cmake>=3.18, nanobind and scikit-build-core), or use backend='auto' / 'reference' "
@@ -204,7 +206,7 @@ def _resolve_backend(backend: str) -> bool:
 
 
 def _axis_kinds(mode: str, src_h: int, src_w: int, dst_h: int, dst_w: int) -> tuple[str, str]:
-    if mode == "bilinear":
+    if effective_resize(mode, (src_h, src_w), (dst_h, dst_w)) == "bilinear":
         return "linear", "linear"
     kind = "box" if (src_h >= dst_h and src_w >= dst_w) else "area_linear"
     return kind, kind

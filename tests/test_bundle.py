@@ -210,7 +210,7 @@ def test_tampered_manifest_fails_the_seal(bundle_dir: Path):
     "edit, message",
     [
         (lambda d: d["input"].update(height="512px"), r"'input.height': expected an integer >= 1, got '512px'"),
-        (lambda d: d["input"].update(resize="cubic"), r"'input.resize': 'cubic' is not one of bilinear, area"),
+        (lambda d: d["input"].update(resize="cubic"), r"'input.resize': 'cubic' is not one of auto, bilinear, area"),
         (lambda d: d["input"].update(color_order="bgr"), r"'input.color_order': 'bgr' is not supported.*write 'rgb'"),
         (lambda d: d["input"].update(std=[0.2, 0.2]), r"'input.std': expected a list of three numbers"),
         (lambda d: d.update(precision="fp8"), r"'precision': 'fp8' is not one of fp32, fp16, int8"),

@@ -16,6 +16,8 @@ import pytest
 
 from edge_ad.runtime import PreprocessSpec, extension_available, preprocess, preprocess_batch, read_image
 
+from edge_ad.runtime.preprocess_spec import effective_resize
+
 pp = importlib.import_module("edge_ad.runtime.preprocessing")
 
 MEAN = (0.485, 0.456, 0.406)
@@ -53,7 +55,8 @@ def _levels(out: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def _cv2_rgb(cv2, bgr, spec: PreprocessSpec) -> np.ndarray:
-    flag = cv2.INTER_LINEAR if spec.resize == "bilinear" else cv2.INTER_AREA
+    mode = effective_resize(spec.resize, bgr.shape[:2], spec.size)
+    flag = cv2.INTER_LINEAR if mode == "bilinear" else cv2.INTER_AREA
     r = cv2.resize(np.ascontiguousarray(bgr), (spec.width, spec.height), interpolation=flag)
     if r.ndim == 2:
         return np.repeat(r[:, :, None], 3, axis=2).astype(np.float64)
@@ -91,7 +94,7 @@ GEOMETRIES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["bilinear", "area"])
+@pytest.mark.parametrize("mode", ["auto", "bilinear", "area"])
 @pytest.mark.parametrize("src,dst", GEOMETRIES, ids=[f"{s[0]}x{s[1]}-{d[0]}x{d[1]}" for s, d in GEOMETRIES])
 def test_matches_cv2_and_reference(cv2, mode, src, dst):
     _ext()
@@ -104,7 +107,7 @@ def test_matches_cv2_and_reference(cv2, mode, src, dst):
     assert _maxdiff(_levels(got, spec), _cv2_rgb(cv2, bgr, spec)) <= 1.0
 
 
-@pytest.mark.parametrize("mode", ["bilinear", "area"])
+@pytest.mark.parametrize("mode", ["auto", "bilinear", "area"])
 def test_full_hd_frame_to_224(cv2, mode):
     _ext()
     bgr = _frame(1080, 1920, seed=5)
@@ -112,6 +115,34 @@ def test_full_hd_frame_to_224(cv2, mode):
     got = preprocess(bgr, spec)
     assert _maxdiff(_levels(got, spec), _cv2_rgb(cv2, bgr, spec)) <= 1.0
     assert _maxdiff(got, preprocess(bgr, spec, backend="reference")) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["extension", "reference"])
+def test_auto_resize_is_area_down_and_bilinear_up(cv2, backend):
+    """The default mode antialiases a downscale (INTER_AREA) and interpolates an upscale (INTER_LINEAR)."""
+    if backend == "extension":
+        _ext()
+    assert PreprocessSpec(8, 8).resize == "auto"
+    down, up = PreprocessSpec(64, 96), PreprocessSpec(300, 200)
+    bgr = _frame(250, 370, seed=3)
+    got = _levels(preprocess(bgr, down, backend=backend), down)
+    area = cv2.resize(bgr, (96, 64), interpolation=cv2.INTER_AREA)[:, :, ::-1]
+    linear = cv2.resize(bgr, (96, 64), interpolation=cv2.INTER_LINEAR)[:, :, ::-1]
+    assert _maxdiff(got, area) <= 1.0 and _maxdiff(got, linear) > 20  # random pixels: the modes differ a lot
+    got = _levels(preprocess(bgr, up, backend=backend), up)
+    assert _maxdiff(got, cv2.resize(bgr, (200, 300), interpolation=cv2.INTER_LINEAR)[:, :, ::-1]) <= 1.0
+    mixed = PreprocessSpec(100, 500)  # down in y, up in x: not a pure downscale -> bilinear
+    got = _levels(preprocess(bgr, mixed, backend=backend), mixed)
+    assert _maxdiff(got, cv2.resize(bgr, (500, 100), interpolation=cv2.INTER_LINEAR)[:, :, ::-1]) <= 1.0
+
+
+def test_effective_resize():
+    assert effective_resize("auto", (480, 640), (240, 320)) == "area"
+    assert effective_resize("auto", (240, 320), (240, 320)) == "area"
+    assert effective_resize("auto", (200, 640), (240, 320)) == "bilinear"
+    assert effective_resize("bilinear", (480, 640), (240, 320)) == "bilinear"
+    with pytest.raises(ValueError, match="resize must be one of"):
+        effective_resize("cubic", (1, 1), (1, 1))
 
 
 def test_normalisation_formula():
@@ -127,7 +158,7 @@ def test_normalisation_formula():
 
 
 @pytest.mark.parametrize("order", [0, 1])
-@pytest.mark.parametrize("mode", ["bilinear", "area"])
+@pytest.mark.parametrize("mode", ["auto", "bilinear", "area"])
 def test_both_pass_orders_agree(mode, order):
     # The extension picks horizontal-first or vertical-first by a cost model; force each one.
     ext = _ext()
@@ -173,7 +204,7 @@ def test_bgr_and_rgb_give_the_same_rgb_output():
     assert _maxdiff(_levels(swapped, spec)[..., ::-1], _levels(a, spec)) <= 1e-3
 
 
-@pytest.mark.parametrize("mode", ["bilinear", "area"])
+@pytest.mark.parametrize("mode", ["auto", "bilinear", "area"])
 def test_grey_frames_replicate_to_rgb(cv2, mode):
     _ext()
     spec = PreprocessSpec(33, 47, resize=mode)
@@ -188,7 +219,7 @@ def test_grey_frames_replicate_to_rgb(cv2, mode):
     assert _maxdiff(out, preprocess(grey, spec, backend="reference")) <= 1e-4
 
 
-@pytest.mark.parametrize("mode", ["bilinear", "area"])
+@pytest.mark.parametrize("mode", ["auto", "bilinear", "area"])
 def test_roi_crops_before_resizing(cv2, mode):
     _ext()
     spec = PreprocessSpec(64, 48, resize=mode)
@@ -218,7 +249,7 @@ def test_roi_crops_before_resizing(cv2, mode):
     ],
     ids=["rows2-cols", "cols3", "flipud", "fliplr", "transposed", "fortran", "nested", "bgra-view"],
 )
-@pytest.mark.parametrize("mode", ["bilinear", "area"])
+@pytest.mark.parametrize("mode", ["auto", "bilinear", "area"])
 def test_strided_views_match_contiguous_copies(view, mode):
     _ext()
     spec = PreprocessSpec(40, 56, resize=mode)
@@ -354,7 +385,7 @@ def test_concurrent_python_threads():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["bilinear", "area"])
+@pytest.mark.parametrize("mode", ["auto", "bilinear", "area"])
 def test_real_hazelnut_png(cv2, real_root, mode):
     _ext()
     path = real_root / "mvtec_hazelnut_256" / "train" / "good" / "000.png"

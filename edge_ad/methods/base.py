@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from edge_ad.backbones.base import Backbone, BackboneInfo
-from edge_ad.runtime.preprocess_spec import RESIZE_MODES, PreprocessSpec
+from edge_ad.runtime.preprocess_spec import DEFAULT_RESIZE, RESIZE_MODES, PreprocessSpec
 
 from .common import GaussianBlur2d, ScoreNormalizer, fuse_feature_maps, iterate_image_batches, upsample_to
 
@@ -156,15 +156,16 @@ class MethodConfig:
 
     Attributes:
         backbone: the frozen encoder (see :class:`BackboneSpec`).
-        resize: how frames are resized to the input size (``"bilinear"`` or ``"area"``), recorded in
-            the detector's :class:`PreprocessSpec` so training, evaluation and runtime agree.
+        resize: how frames are resized to the input size (``"auto"``: area averaging when
+            downscaling, bilinear when upscaling; or ``"bilinear"`` / ``"area"``), recorded in the
+            detector's :class:`PreprocessSpec` so training, evaluation and runtime agree.
         smoothing_sigma: Gaussian smoothing of the upsampled anomaly map, in input pixels (0 = off).
     """
 
     backbone: BackboneSpec = field(
         default_factory=lambda: BackboneSpec("dinov3_vitb16", layers=(9,), img_size=(512, 512))
     )
-    resize: str = "bilinear"
+    resize: str = DEFAULT_RESIZE
     smoothing_sigma: float = 4.0
 
     def __post_init__(self) -> None:

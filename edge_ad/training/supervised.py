@@ -37,6 +37,7 @@ import torch
 from edge_ad.data.base import Record, load_sample
 from edge_ad.data.masks import resize_mask
 from edge_ad.methods.base import AnomalyDetector
+from edge_ad.runtime.preprocess_spec import effective_resize
 from edge_ad.runtime.preprocessing import preprocess_batch
 
 from .distributed import DistContext
@@ -205,7 +206,8 @@ class _SampleCache:
         cv2 = require_cv2("resize training images")
         sample = load_sample(record)
         h, w = self.size
-        interp = cv2.INTER_AREA if self.interp == "area" else cv2.INTER_LINEAR
+        mode = effective_resize(self.interp, sample.image.shape[:2], (h, w))
+        interp = cv2.INTER_AREA if mode == "area" else cv2.INTER_LINEAR
         image = sample.image if sample.image.shape[:2] == (h, w) else cv2.resize(sample.image, (w, h), interpolation=interp)
         mask = resize_mask(sample.mask, (h, w))
         self._items[record.path] = (np.ascontiguousarray(image), mask)

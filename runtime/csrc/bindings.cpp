@@ -36,7 +36,8 @@ bool is_float_dtype(nb::dlpack::dtype dt, int bits) {
 edge_ad::ResizeMode parse_mode(const std::string& mode) {
   if (mode == "bilinear") return edge_ad::ResizeMode::Bilinear;
   if (mode == "area") return edge_ad::ResizeMode::Area;
-  throw nb::value_error(("resize mode must be 'bilinear' or 'area', got '" + mode + "'").c_str());
+  if (mode == "auto") return edge_ad::ResizeMode::Auto;
+  throw nb::value_error(("resize mode must be 'auto', 'bilinear' or 'area', got '" + mode + "'").c_str());
 }
 
 // Output geometry and the per-channel affine x * scale + offset that folds /255, -mean and /std.
@@ -152,7 +153,7 @@ size_t preprocess_cuda_py(const std::vector<Frame>& frames, std::uintptr_t out_p
 
 NB_MODULE(_preprocess, m) {
   m.doc() = "edge_ad native preprocessing (use edge_ad.runtime.preprocess, which validates inputs)";
-  m.attr("API_VERSION") = 1;
+  m.attr("API_VERSION") = 2;  // 2: resize mode "auto"
   m.def("preprocess_into", &preprocess_into, "frames"_a.noconvert(), "out"_a.noconvert(), "bgr"_a, "mode"_a, "mean"_a,
         "std"_a, "num_threads"_a = 0, "order"_a = -1,
         "Resize + normalise uint8 frames into out (B, 3, H, W) float32/float16, RGB planes. "

@@ -36,13 +36,14 @@ namespace edge_ad {
 // ------------------------------------------------------------------------------------------------
 
 void taps_kinds(ResizeMode mode, int src_h, int src_w, int dst_h, int dst_w, TapKind* ky, TapKind* kx) {
-  if (mode == ResizeMode::Bilinear) {
+  const bool down = src_h >= dst_h && src_w >= dst_w;
+  if (mode == ResizeMode::Bilinear || (mode == ResizeMode::Auto && !down)) {
     *ky = *kx = TapKind::Linear;
     return;
   }
   // OpenCV INTER_AREA: true area averaging only when neither axis upscales; otherwise both axes
-  // use its bilinear variant (also the downscaling one, as cv::resize does).
-  const bool down = src_h >= dst_h && src_w >= dst_w;
+  // use its bilinear variant (also the downscaling one, as cv::resize does). Auto only gets here
+  // when downscaling, so it is exactly INTER_AREA there and INTER_LINEAR otherwise.
   *ky = *kx = down ? TapKind::Box : TapKind::AreaLinear;
 }
 

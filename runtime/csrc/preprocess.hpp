@@ -8,7 +8,8 @@
 
 namespace edge_ad {
 
-enum class ResizeMode : int { Bilinear = 0, Area = 1 };
+// Auto: Area when neither axis upscales (antialiased downscaling), else Bilinear; per frame.
+enum class ResizeMode : int { Bilinear = 0, Area = 1, Auto = 2 };
 
 // How one resize axis maps source to destination indices (see make_taps()).
 enum class TapKind : int {
