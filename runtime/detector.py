@@ -177,7 +177,12 @@ class Detector:
 
     def predict(self, frame: np.ndarray, *, color_order: str = "bgr",
                 roi: tuple[int, int, int, int] | None = None) -> Result:
-        """One uint8 frame ((H, W) grey, (H, W, 1) or (H, W, 3) in ``color_order``) -> :class:`Result`."""
+        """One uint8 frame ((H, W) grey, (H, W, 1) or (H, W, 3) in ``color_order``) -> :class:`Result`.
+
+        Raises:
+            TypeError / ValueError: a frame or ROI it cannot take (the message names the fix).
+            NonFiniteOutputError: the engine returned a NaN / inf score or map: no verdict.
+        """
         return self._predict([frame], color_order, [roi], single=True)[0]
 
     __call__ = predict
