@@ -141,7 +141,7 @@ def _engine_fps(det: Any, warmup: int, iterations: int) -> float:
     engine = det.engine
     n = engine.batch or 1
     frame = next(synthetic_frames(1, det.spec.size[0], det.spec.size[1]))
-    with det._lock:  # slot 0 is predict's slot
+    with det.slot0():  # predict's slot, held for the whole measurement
         buf = engine.slot_buffer(0, n)
         from .preprocessing import preprocess_batch
 

@@ -39,7 +39,8 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -177,7 +178,12 @@ class Detector:
 
     def predict(self, frame: np.ndarray, *, color_order: str = "bgr",
                 roi: tuple[int, int, int, int] | None = None) -> Result:
-        """One uint8 frame ((H, W) grey, (H, W, 1) or (H, W, 3) in ``color_order``) -> :class:`Result`."""
+        """One uint8 frame ((H, W) grey, (H, W, 1) or (H, W, 3) in ``color_order``) -> :class:`Result`.
+
+        Raises:
+            TypeError / ValueError: a frame or ROI it cannot take (the message names the fix).
+            NonFiniteOutputError: the engine returned a NaN / inf score or map: no verdict.
+        """
         return self._predict([frame], color_order, [roi], single=True)[0]
 
     __call__ = predict
@@ -320,6 +326,15 @@ class Detector:
             self.finish_slot(slot)
         except Exception:  # noqa: BLE001 - the stream already reported the fault that got us here
             pass
+
+    @contextmanager
+    def slot0(self) -> Iterator[Engine]:
+        """Hold slot 0 (:meth:`predict`'s) for direct engine calls, e.g. a bare-engine benchmark.
+
+        Yields the engine; ``predict`` (and a stream on a single-slot engine) waits meanwhile.
+        """
+        with self._lock:
+            yield self.engine
 
     def reserve_stream_slots(self) -> list[int]:
         """The engine slots a stream may use (slot 0 is shared with predict when it is the only one).

@@ -364,8 +364,8 @@ class _Pipeline:
                 error=str(self._error) if self._error is not None else None,
             )
 
-    def start(self) -> "Stream":
-        """Open the source and start the threads (iteration and ``with`` do this for you)."""
+    def start(self) -> "_Pipeline":
+        """Reserve the detector's stream slots, open the source and start the threads."""
         if self._closed:
             raise RuntimeError("this stream was closed; start a new one with detector.stream(...)")
         if self._started:
@@ -402,7 +402,7 @@ class _Pipeline:
         return item
 
     def close(self) -> None:
-        """Stop the threads, wait for in-flight inference, release the source. Idempotent."""
+        """Stop the threads, wait for in-flight inference, release the source and the slots. Idempotent."""
         if self._closed:
             return
         self._closed = True
