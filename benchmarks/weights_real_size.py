@@ -22,7 +22,7 @@ import torch
 CASES = {
     "dinov2_vitb14": ("Dinov2Model", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072, image_size=518, patch_size=14), "layernorm", 1,
-                      ("knn-style, non-default size", 448, (5, 11))),
+                      ("(non-default size)", 448, (5, 11))),
     "dinov2_vitl14_reg": ("Dinov2WithRegistersModel", dict(hidden_size=1024, num_hidden_layers=24,
                           num_attention_heads=16, intermediate_size=4096, image_size=518, patch_size=14,
                           num_register_tokens=4), "layernorm", 5, ("AnomalyVFM (DINOv2-reg option)", 672, (23,))),
