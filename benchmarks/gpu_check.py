@@ -140,7 +140,8 @@ def check_preprocessing(torch: Any, data: Path, category: str, iterations: int) 
                 levels = _levels(out.cpu().numpy(), cpu, spec.std)
                 within = levels <= 1.0
                 ok &= within
-                rows.append(f"| {label} | {resize} | {np.dtype(dtype).name} | {levels:.4f} | {'yes' if within else 'NO'} |")
+                rows.append(f"| {label} | {resize} | {np.dtype(dtype).name} | {levels:.4f} | "
+                            f"{'yes' if within else 'NO'} |")
     # Timing: one 1080p frame -> 224 x 224 float32, median of `iterations`.
     spec = PreprocessSpec(224, 224)
     frame = cases[0][1]
@@ -173,7 +174,8 @@ def foundad_amp_step(data: Path, category: str) -> tuple[str, bool]:
                     device="cuda", steps=1, amp=True, progress=False)
         seconds = time.perf_counter() - t0
         ok = (Path(run) / "model.safetensors").is_file()
-    return f"FoundAD + EfficientNet-Lite0, 1 step, AMP on CUDA: {'ok' if ok else 'NO model written'} ({seconds:.1f} s)", ok
+    status = "ok" if ok else "NO model written"
+    return f"FoundAD + EfficientNet-Lite0, 1 step, AMP on CUDA: {status} ({seconds:.1f} s)", ok
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,7 +99,7 @@ def module_strings(so_bytes: bytes) -> tuple[list[str], str]:
     """(identifier-like tails of the module's C strings, all its printable text) of a compiled module.
 
     The tail is the last identifier of each string (``reset_output_type`` of itself, ``DataType``
-    of a docstring ending in ``... :class:`DataType```), so names merged into either are found.
+    of a docstring whose last word is ``DataType``), so names merged into either are found.
     """
     texts = [s.decode("ascii") for s in re.findall(rb"[\x20-\x7e]{2,}", so_bytes)]
     tails = {m.group(0) for t in texts if (m := _TAIL.search(t))}

@@ -182,8 +182,10 @@ class FakeTensorRT:
             module[name] = DataType[member]
         kinds = sorted(set(self.TYPES.values()) | {"ELEMENTWISE"})
         module["LayerType"] = sf.enum("LayerType", " ".join(kinds))
-        module["ElementWiseOperation"] = sf.enum("ElementWiseOperation", " ".join(sorted(set(self.ELEMENTWISE.values()))))
-        module["BuilderFlag"] = sf.enum("BuilderFlag", "FP16 INT8 OBEY_PRECISION_CONSTRAINTS GPU_FALLBACK", integer=True)
+        module["ElementWiseOperation"] = sf.enum("ElementWiseOperation",
+                                                 " ".join(sorted(set(self.ELEMENTWISE.values()))))
+        module["BuilderFlag"] = sf.enum("BuilderFlag", "FP16 INT8 OBEY_PRECISION_CONSTRAINTS GPU_FALLBACK",
+                                        integer=True)
         module["NetworkDefinitionCreationFlag"] = sf.enum(
             "NetworkDefinitionCreationFlag", {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}, integer=True)
         module["MemoryPoolType"] = sf.enum("MemoryPoolType", "WORKSPACE")

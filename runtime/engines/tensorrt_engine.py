@@ -2,8 +2,8 @@
 
 Where the engine comes from: :func:`edge_ad.converters.engine.build_bundle_engine` (torch-free)
 returns the bundle's cached ``engines/<key>.engine`` whose key matches this device (TensorRT
-version, compute capability, precision, DLA core, build options) or builds one from
-``model.onnx`` first. So an engine built for another GPU or TensorRT version is never loaded: its
+version, compute capability, device name and SM count, precision, DLA core, build options) or
+builds one from ``model.onnx`` first. So an engine built for another GPU or TensorRT version is never loaded: its
 key differs and a matching one is built. If a matching engine still fails to deserialize (a
 driver / TensorRT patch mismatch the key does not see), it is rebuilt once with ``force``; with
 ``build=False`` a missing engine is an error naming ``edge-ad build-engine``.
