@@ -102,7 +102,8 @@ class Detector:
 
     @classmethod
     def load(cls, bundle: Bundle | str | os.PathLike, device: str = "auto", *, regions: bool = True,
-             verify: bool = True, slots: int = DEFAULT_SLOTS) -> "Detector":
+             verify: bool = True, slots: int = DEFAULT_SLOTS,
+             verify_key: str | os.PathLike | None = None) -> "Detector":
         """Load a bundle (directory, ``.tar`` or :class:`Bundle`) on its engine.
 
         Args:
@@ -113,6 +114,8 @@ class Detector:
             verify: check the bundle's checksums when loading from a path.
             slots: engine request slots: slot 0 serves :meth:`predict`, the others a stream's
                 in-flight frames (3 = double-buffered streaming).
+            verify_key: PEM file of the Ed25519 public key the bundle must be signed with; unsigned
+                or foreign bundles are refused (:mod:`edge_ad.runtime.bundle.signing`).
 
         Raises:
             ImportError: the engine's package (onnxruntime / openvino / tensorrt + CUDA bindings) is
@@ -120,7 +123,9 @@ class Detector:
             NotImplementedError: the bundle names an engine this runtime has none for.
         """
         if not isinstance(bundle, Bundle):
-            bundle = load_bundle(bundle, verify=verify)
+            bundle = load_bundle(bundle, verify=verify, verify_key=verify_key)
+        elif verify_key is not None:
+            bundle.check_signature(verify_key)
         if not isinstance(device, str) or not device:
             raise ValueError(f"device must be a non-empty string ('auto', 'CPU', ...), got {device!r}")
         return cls(bundle, create_engine(bundle, device, slots=slots), regions=regions)

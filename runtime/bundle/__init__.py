@@ -71,6 +71,7 @@ from .schema import (
     OUTPUT_DTYPES,
     PICKLE_SUFFIXES,
     SCHEMA_VERSION,
+    SIGNATURE_FILE,
     ArtifactRecord,
     BackboneInfo,
     BundleError,
@@ -84,6 +85,7 @@ from .schema import (
     current_sdk_version,
     manifest_digest,
 )
+from .signing import generate_signing_key
 
 __all__ = [
     "ARTIFACT_ONNX",
@@ -93,6 +95,7 @@ __all__ = [
     "FIDELITY_FILE",
     "MANIFEST_FILE",
     "SCHEMA_VERSION",
+    "SIGNATURE_FILE",
     "ArtifactRecord",
     "BackboneInfo",
     "Bundle",
@@ -104,6 +107,7 @@ __all__ = [
     "OutputSpec",
     "Thresholds",
     "current_sdk_version",
+    "generate_signing_key",
     "load_bundle",
     "manifest_digest",
     "update_manifest",
