@@ -212,6 +212,22 @@ def test_calibrate_killed_at_each_point_leaves_old_or_new_manifest(base_bundle: 
         assert [p.name for p in copy.iterdir() if p.name.startswith(".")] == []
 
 
+def test_failed_update_leaves_no_temp_file_and_the_old_manifest(bundle: Path, monkeypatch):
+    from edge_ad.runtime.bundle import durable
+
+    before = load_bundle(bundle).manifest
+
+    def disk_full(point: str) -> None:
+        if point == "manifest-temp-written":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(durable, "fault_point", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        update_manifest(bundle, {"info": {"x": 1}})
+    assert [p.name for p in bundle.iterdir() if p.name.startswith(".")] == []
+    assert load_bundle(bundle).manifest == before
+
+
 _REWRITE = """
 import sys
 from edge_ad.runtime import load_bundle, write_bundle

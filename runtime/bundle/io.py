@@ -110,7 +110,8 @@ def write_bundle(
         for name, source in sorted(sources.items()):
             dest = staging / name
             records[name] = _copy_hashed(source, dest, name)
-        check_artifact_formats(staging, {name: record.bytes for name, record in records.items()}, f"being written to {out}")
+        sizes = {name: record.bytes for name, record in records.items()}
+        check_artifact_formats(staging, sizes, f"being written to {out}")
         if FIDELITY_FILE in records:
             _read_fidelity(staging / FIDELITY_FILE)
         final = manifest.replace(artifacts=records)
@@ -293,7 +294,11 @@ class Bundle:
         return self.root / ENGINES_DIR
 
     def verify(self) -> None:
-        """Re-check every artifact's size, sha256 and pickle-freedom (raises :class:`BundleError`)."""
+        """Re-check every artifact's size, sha256 and format, and that no file is unlisted.
+
+        Raises:
+            BundleError: naming the artifact / file and the fix.
+        """
         _verify_artifacts(self.root, self.manifest, checksums=True, label=str(self.source))
 
     def check_signature(self, verify_key: str | os.PathLike) -> None:
@@ -333,8 +338,9 @@ def load_bundle(
     Args:
         path: bundle directory, or ``.tar`` written by :func:`write_bundle` (``tar -cf`` of a bundle
             directory works too; members may sit under one top-level folder).
-        verify: check the manifest seal and every artifact's sha256 (sizes, schema and pickle-freedom
-            are always checked). Turn off only for fast restarts of a bundle verified before.
+        verify: check the manifest seal and every artifact's sha256 (sizes, schema, artifact formats
+            and unlisted files are always checked). Turn off only for fast restarts of a bundle
+            verified before.
         extract_to: where to extract a ``.tar`` (a new or empty directory, kept); default a
             temporary directory removed by :meth:`Bundle.close` or garbage collection.
         verify_key: PEM file of the Ed25519 public key the bundle must be signed with
@@ -365,7 +371,8 @@ def load_bundle(
             label = str(source)
             _safe_extract(source, root, lambda r: {
                 name: record.bytes
-                for name, record in _read_manifest(r, label, verify, verify_key, signature_optional=True).artifacts.items()
+                for name, record in _read_manifest(r, label, verify, verify_key,
+                                                   signature_optional=True).artifacts.items()
             })
             return _load_dir(root, source, verify, temp_dir, verify_key)
         except BaseException:

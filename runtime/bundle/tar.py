@@ -67,6 +67,7 @@ def _write_tar(staging: Path, out: Path, names: list[str]) -> None:
         if tmp.exists():
             tmp.unlink()
 
+
 def _member_name(m: tarfile.TarInfo, label: str) -> str:
     """The normalised name of a safe member; raises for unsafe names, links, devices and sparse files."""
     raw = m.name
