@@ -8,6 +8,7 @@ check goes through the real loader (``load_bundle`` / ``Detector.load``)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import signal
@@ -346,7 +347,6 @@ class _Evil:
 
 
 def _zip_with(member: str, data: bytes) -> bytes:
-    import io
     import zipfile
 
     buf = io.BytesIO()
@@ -430,8 +430,6 @@ def test_legitimate_typed_artifacts_load(bundle: Path, tmp_path: Path):
 
 
 def _npy(array: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
@@ -469,7 +467,6 @@ def test_openvino_ir_checked_against_its_bin(bundle: Path, openvino_ir):
 def _tar_of(bundle: Path, out: Path, extra: dict[str, bytes] | None = None, mode: str = "w",
             replace: dict[str, bytes] | None = None) -> Path:
     """A tar of the real bundle (manifest first), plus ``extra`` members and ``replace``d contents."""
-    import io
     import tarfile
 
     names = ["manifest.yaml"] + sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*")
@@ -549,15 +546,9 @@ def test_tar_traversal_links_and_devices_refused(base_bundle: Path, tmp_path: Pa
         info.type = {"reg": tarfile.REGTYPE, "sym": tarfile.SYMTYPE, "lnk": tarfile.LNKTYPE,
                      "chr": tarfile.CHRTYPE}[kind]
         info.linkname = "model.onnx" if kind in ("sym", "lnk") else ""
-        tf.addfile(info, io_bytes(b"") if kind == "reg" else None)
+        tf.addfile(info, io.BytesIO(b"") if kind == "reg" else None)
     _assert_refused_and_clean(tar, tmp_path, message)
     assert not (tmp_path / "evil.txt").exists()
-
-
-def io_bytes(data: bytes):
-    import io
-
-    return io.BytesIO(data)
 
 
 def test_tar_with_engines_loads_and_scores_like_the_directory(base_bundle: Path, tmp_path: Path, frames):
@@ -598,7 +589,10 @@ def test_signed_bundle_loads_with_its_key_and_foreign_or_unsigned_ones_are_refus
         Detector.load(signed, verify_key=keys["other"])
     with pytest.raises(BundleError, match=r"is not signed \(no manifest.sig\) but a verify key was given"):
         Detector.load(base_bundle, verify_key=keys["public"])
-    load_bundle(signed)  # without a key signatures are not checked
+    loaded = load_bundle(signed)  # without a key signatures are not checked ...
+    with pytest.raises(BundleError, match="is signed by another key"):
+        Detector.load(loaded, verify_key=keys["other"])  # ... until a loaded Bundle is given one
+    assert Detector.load(loaded, verify_key=keys["public"], regions=False).bundle is loaded
 
 
 def test_resealed_manifest_passes_the_seal_but_not_the_signature(signed: Path, keys):
@@ -645,6 +639,18 @@ def test_signed_tar_bundle(base_bundle: Path, tmp_path: Path, keys):
         load_bundle(tar, verify_key=bad)
     with pytest.raises(ValueError, match="verify_key needs verify=True"):
         load_bundle(tar, verify=False, verify_key=keys["public"])
+
+
+def test_cli_convert_signs_and_python_load_verifies(knn_run, real_root, tmp_path: Path, keys):
+    from edge_ad.cli.main import main
+
+    out = tmp_path / "cli_signed"
+    code = main(["convert", str(knn_run), "--target", "onnx-cpu", "--precision", "fp32", "--calib-count", "8",
+                 "--out", str(out), "--sign-key", str(keys["private"])])
+    assert code == 0 and (out / "manifest.sig").is_file()
+    assert load_bundle(out, verify_key=keys["public"]).manifest.precision == "fp32"
+    with pytest.raises(BundleError, match="signed by another key"):
+        load_bundle(out, verify_key=keys["other"])
 
 
 def test_cli_run_refuses_a_foreign_bundle(signed: Path, keys, real_root):
