@@ -613,6 +613,9 @@ def test_resealed_manifest_passes_the_seal_but_not_the_signature(signed: Path, k
 def test_update_manifest_drops_or_renews_the_signature(signed: Path, keys):
     update_manifest(signed, {"info": {"site": "line 3"}}, sign_key=keys["private"])
     assert load_bundle(signed, verify_key=keys["public"]).manifest.info["site"] == "line 3"
+    with pytest.raises(BundleError, match="not an unencrypted PEM private key"):
+        update_manifest(signed, {"info": {"site": "elsewhere"}}, sign_key=keys["public"])
+    assert load_bundle(signed, verify_key=keys["public"]).manifest.info["site"] == "line 3"  # nothing changed
     update_manifest(signed, {"info": {"site": "line 4"}})  # no key: the stale signature is removed
     assert not (signed / "manifest.sig").exists()
     with pytest.raises(BundleError, match="is not signed"):

@@ -191,11 +191,13 @@ def update_manifest(bundle_dir: str | os.PathLike, changes: Mapping[str, Any], *
     with locked_dir(path) as dir_fd:
         remove_stale_temps(dir_fd)
         manifest = _apply_changes(load_bundle(path, verify=True), changes)
+        # Signed before anything is written, so a bad key changes nothing.
+        signature = signature_bytes(manifest_digest(manifest), sign_key) if sign_key is not None else None
         fault_point("manifest-before-write")
         replace_file_atomic(dir_fd, MANIFEST_FILE, _manifest_text(manifest).encode("utf-8"))
         # After the manifest: a crash in between leaves a signature of the old manifest, which fails closed.
-        if sign_key is not None:
-            replace_file_atomic(dir_fd, SIGNATURE_FILE, signature_bytes(manifest_digest(manifest), sign_key))
+        if signature is not None:
+            replace_file_atomic(dir_fd, SIGNATURE_FILE, signature)
         else:
             try:
                 os.unlink(SIGNATURE_FILE, dir_fd=dir_fd)

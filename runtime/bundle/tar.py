@@ -167,7 +167,7 @@ class _Extraction:
             self._place(name, m)
         self.pending = []
 
-    def _relative(self, name: str) -> str | None:
+    def _relative(self, name: str) -> str:
         if self.prefix is None:
             return name
         if self.prefix and not (name + "/").startswith(self.prefix):
