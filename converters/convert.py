@@ -52,6 +52,7 @@ def convert(
     tar: bool = False,
     seed: int = 0,
     progress: bool = True,
+    sign_key: str | Path | None = None,
 ) -> Path:
     """Convert a trained run into a bundle for ``target``.
 
@@ -76,6 +77,8 @@ def convert(
             blocks in floating point until it holds (:mod:`edge_ad.converters.sensitivity`), and
             the conversion fails if even that cannot meet it (use fp16 then).
         tar: write one ``.tar`` file instead of a directory.
+        sign_key: PEM file of an Ed25519 private key: sign the bundle (``manifest.sig``) so devices
+            can refuse bundles from elsewhere (``Detector.load(..., verify_key=PUBLIC_PEM)``).
 
     Returns:
         The bundle path.
@@ -222,7 +225,7 @@ def convert(
         fidelity=_fidelity_summary(fid),
         info={"run_dir": str(run_dir), "quantization": json.loads(json.dumps(quant_record, default=str)) if quant_record else None},
     )
-    path = write_bundle(out, manifest, artifacts, fidelity=fid, tar=tar)
+    path = write_bundle(out, manifest, artifacts, fidelity=fid, tar=tar, sign_key=sign_key)
     print(f"[convert] bundle written to {path}")
     return path
 

@@ -135,7 +135,8 @@ class Detector:
     @classmethod
     def load(cls, bundle: Bundle | str | os.PathLike, device: str = "auto", *, regions: bool = True,
              verify: bool = True, slots: int = DEFAULT_SLOTS, map_resolution: str = "frame",
-             max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> "Detector":
+             max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
+             verify_key: str | os.PathLike | None = None) -> "Detector":
         """Load a bundle (directory, ``.tar`` or :class:`Bundle`) on its engine.
 
         Args:
@@ -151,6 +152,8 @@ class Detector:
                 for integrators who need the verdict and regions; region boxes stay in frame pixels).
             max_frame_pixels: largest frame (or ROI) accepted, H * W pixels (default
                 :data:`DEFAULT_MAX_FRAME_PIXELS` = 8192 x 8192); larger ones raise ValueError.
+            verify_key: PEM file of the Ed25519 public key the bundle must be signed with; unsigned
+                or foreign bundles are refused (:mod:`edge_ad.runtime.bundle.signing`).
 
         Raises:
             ImportError: the engine's package (onnxruntime / openvino / tensorrt + CUDA bindings) is
@@ -162,7 +165,9 @@ class Detector:
         from .engine_io import check_engine_io
 
         if not isinstance(bundle, Bundle):
-            bundle = load_bundle(bundle, verify=verify)
+            bundle = load_bundle(bundle, verify=verify, verify_key=verify_key)
+        elif verify_key is not None:
+            bundle.check_signature(verify_key)
         if not isinstance(device, str) or not device:
             raise ValueError(f"device must be a non-empty string ('auto', 'CPU', ...), got {device!r}")
         engine = create_engine(bundle, device, slots=slots)

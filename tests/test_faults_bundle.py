@@ -8,6 +8,7 @@ check goes through the real loader (``load_bundle`` / ``Detector.load``)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import signal
@@ -212,6 +213,22 @@ def test_calibrate_killed_at_each_point_leaves_old_or_new_manifest(base_bundle: 
         assert [p.name for p in copy.iterdir() if p.name.startswith(".")] == []
 
 
+def test_failed_update_leaves_no_temp_file_and_the_old_manifest(bundle: Path, monkeypatch):
+    from edge_ad.runtime.bundle import durable
+
+    before = load_bundle(bundle).manifest
+
+    def disk_full(point: str) -> None:
+        if point == "manifest-temp-written":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(durable, "fault_point", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        update_manifest(bundle, {"info": {"x": 1}})
+    assert [p.name for p in bundle.iterdir() if p.name.startswith(".")] == []
+    assert load_bundle(bundle).manifest == before
+
+
 _REWRITE = """
 import sys
 from edge_ad.runtime import load_bundle, write_bundle
@@ -330,7 +347,6 @@ class _Evil:
 
 
 def _zip_with(member: str, data: bytes) -> bytes:
-    import io
     import zipfile
 
     buf = io.BytesIO()
@@ -414,8 +430,6 @@ def test_legitimate_typed_artifacts_load(bundle: Path, tmp_path: Path):
 
 
 def _npy(array: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
@@ -443,3 +457,232 @@ def test_openvino_ir_checked_against_its_bin(bundle: Path, openvino_ir):
     _list_artifact(bundle, "extra/model.xml", bomb)
     with pytest.raises(BundleError, match="XML with a DTD / entities is refused"):
         load_bundle(bundle)
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile .tar bundles: manifest first, listed artifacts only, capped at their recorded sizes
+# ----------------------------------------------------------------------------------------------
+
+
+def _tar_of(bundle: Path, out: Path, extra: dict[str, bytes] | None = None, mode: str = "w",
+            replace: dict[str, bytes] | None = None) -> Path:
+    """A tar of the real bundle (manifest first), plus ``extra`` members and ``replace``d contents."""
+    import tarfile
+
+    names = ["manifest.yaml"] + sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*")
+                                       if p.is_file() and p.name != "manifest.yaml")
+    with tarfile.open(out, mode) as tf:
+        for name in names:
+            data = (replace or {}).get(name, (bundle / name).read_bytes())
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return out
+
+
+def _assert_refused_and_clean(tar: Path, tmp_path: Path, message: str) -> None:
+    dest = tmp_path / "extract"
+    with pytest.raises(BundleError, match=message):
+        load_bundle(tar, extract_to=dest)
+    assert list(dest.iterdir()) == []  # nothing (half-)extracted is left
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_sparse_tar_members_are_refused(base_bundle: Path, tmp_path: Path, fmt: str):
+    work = Path(shutil.copytree(base_bundle, tmp_path / "src"))
+    with open(work / "fill.npy", "wb") as f:
+        f.truncate(64 << 20)  # 64 MiB of holes: a few KB in the tar, 64 MiB once extracted
+    tar = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", f"--format={fmt}", "-cf", str(tar), "-C", str(work), "."],
+                   check=True, capture_output=True)
+    assert tar.stat().st_size < 8 << 20
+    _assert_refused_and_clean(tar, tmp_path, "'./fill.npy' is a sparse file")
+
+
+def test_tar_gz_bomb_member_is_refused_before_it_is_written(base_bundle: Path, tmp_path: Path):
+    tar = _tar_of(base_bundle, tmp_path / "bomb.tar.gz", {"zeros.bin": bytes(64 << 20)}, mode="w:gz")
+    assert tar.stat().st_size < 8 << 20  # the real bundle compressed, plus ~64 KB for 64 MiB of zeros
+    _assert_refused_and_clean(tar, tmp_path, "member 'zeros.bin' is not listed in manifest.yaml")
+
+
+def test_unlisted_tar_member_is_refused(base_bundle: Path, tmp_path: Path):
+    import pickle
+
+    tar = _tar_of(base_bundle, tmp_path / "evil.tar", {"evil.pkl": pickle.dumps(_Evil(), protocol=0)})
+    _assert_refused_and_clean(tar, tmp_path, "member 'evil.pkl' is not listed in manifest.yaml")
+
+
+def test_oversized_listed_member_is_refused(base_bundle: Path, tmp_path: Path):
+    grown = (base_bundle / "calibration.json").read_bytes() + b" " * 4096
+    tar = _tar_of(base_bundle, tmp_path / "big.tar", replace={"calibration.json": grown})
+    recorded = load_bundle(base_bundle).manifest.artifacts["calibration.json"].bytes
+    _assert_refused_and_clean(tar, tmp_path, rf"member 'calibration.json' has {len(grown)} bytes, manifest.yaml "
+                                             rf"says {recorded}")
+
+
+def test_huge_manifest_member_is_refused(base_bundle: Path, tmp_path: Path):
+    text = (base_bundle / "manifest.yaml").read_bytes() + b"#" * (2 << 20)
+    tar = _tar_of(base_bundle, tmp_path / "m.tar", replace={"manifest.yaml": text})
+    _assert_refused_and_clean(tar, tmp_path, r"member 'manifest.yaml' has \d+ bytes, more than the 1048576 allowed")
+
+
+@pytest.mark.parametrize("kind, name, message", [
+    ("reg", "../evil.txt", r"unsafe member '../evil.txt'"),
+    ("reg", "/tmp/evil.txt", r"unsafe member '/tmp/evil.txt'"),
+    ("sym", "model2.onnx", r"'model2.onnx' is a symbolic link to 'model.onnx'"),
+    ("lnk", "model2.onnx", r"'model2.onnx' is a hard link to 'model.onnx'"),
+    ("chr", "dev", r"'dev' is not a regular file or directory"),
+])
+def test_tar_traversal_links_and_devices_refused(base_bundle: Path, tmp_path: Path, kind, name, message):
+    import tarfile
+
+    tar = _tar_of(base_bundle, tmp_path / "t.tar")
+    with tarfile.open(tar, "a") as tf:
+        info = tarfile.TarInfo(name)
+        info.type = {"reg": tarfile.REGTYPE, "sym": tarfile.SYMTYPE, "lnk": tarfile.LNKTYPE,
+                     "chr": tarfile.CHRTYPE}[kind]
+        info.linkname = "model.onnx" if kind in ("sym", "lnk") else ""
+        tf.addfile(info, io.BytesIO(b"") if kind == "reg" else None)
+    _assert_refused_and_clean(tar, tmp_path, message)
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_tar_with_engines_loads_and_scores_like_the_directory(base_bundle: Path, tmp_path: Path, frames):
+    tar = _tar_of(base_bundle, tmp_path / "ok.tar.gz", {"engines/abc.engine": b"engine bytes"}, mode="w:gz")
+    with load_bundle(tar) as b:
+        assert (b.engines_dir / "abc.engine").read_bytes() == b"engine bytes"
+    np.testing.assert_allclose(_scores(tar, frames), _scores(base_bundle, frames), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# signatures: the seal is unkeyed; an Ed25519 signature says who produced the bundle
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> dict[str, Path]:
+    from edge_ad.runtime.bundle import generate_signing_key
+
+    d = tmp_path_factory.mktemp("keys")
+    generate_signing_key(d / "plant.pem", d / "plant.pub")
+    generate_signing_key(d / "other.pem", d / "other.pub")
+    return {"private": d / "plant.pem", "public": d / "plant.pub", "other": d / "other.pub",
+            "other_private": d / "other.pem"}
+
+
+@pytest.fixture
+def signed(base_bundle: Path, tmp_path: Path, keys) -> Path:
+    b = load_bundle(base_bundle)
+    return write_bundle(tmp_path / "signed", b.manifest, {n: b.path(n) for n in b.manifest.artifacts},
+                        sign_key=keys["private"])
+
+
+def test_signed_bundle_loads_with_its_key_and_foreign_or_unsigned_ones_are_refused(signed: Path, keys, frames,
+                                                                                    base_bundle: Path):
+    assert (signed / "manifest.sig").is_file()
+    np.testing.assert_allclose(_scores(signed, frames, verify_key=keys["public"]), _scores(base_bundle, frames))
+    with pytest.raises(BundleError, match="is signed by another key .* refusing it"):
+        Detector.load(signed, verify_key=keys["other"])
+    with pytest.raises(BundleError, match=r"is not signed \(no manifest.sig\) but a verify key was given"):
+        Detector.load(base_bundle, verify_key=keys["public"])
+    loaded = load_bundle(signed)  # without a key signatures are not checked ...
+    with pytest.raises(BundleError, match="is signed by another key"):
+        Detector.load(loaded, verify_key=keys["other"])  # ... until a loaded Bundle is given one
+    assert Detector.load(loaded, verify_key=keys["public"], regions=False).bundle is loaded
+
+
+def test_resealed_manifest_passes_the_seal_but_not_the_signature(signed: Path, keys):
+    _reseal(signed, lambda d: d["thresholds"].update(image_threshold=1e9))  # what the unkeyed seal cannot stop
+    assert load_bundle(signed).thresholds.image_threshold == 1e9
+    with pytest.raises(BundleError, match="manifest.sig signs another manifest .* the manifest changed after signing"):
+        load_bundle(signed, verify_key=keys["public"])
+    # Forging the signed digest too does not help: the signature no longer verifies.
+    import json
+
+    sig = json.loads((signed / "manifest.sig").read_text())
+    sig["manifest_sha256"] = yaml.safe_load((signed / "manifest.yaml").read_text())["manifest_sha256"]
+    (signed / "manifest.sig").write_text(json.dumps(sig))
+    with pytest.raises(BundleError, match="does not verify with"):
+        load_bundle(signed, verify_key=keys["public"])
+
+
+def test_update_manifest_drops_or_renews_the_signature(signed: Path, keys):
+    update_manifest(signed, {"info": {"site": "line 3"}}, sign_key=keys["private"])
+    assert load_bundle(signed, verify_key=keys["public"]).manifest.info["site"] == "line 3"
+    with pytest.raises(BundleError, match="not an unencrypted PEM private key"):
+        update_manifest(signed, {"info": {"site": "elsewhere"}}, sign_key=keys["public"])
+    assert load_bundle(signed, verify_key=keys["public"]).manifest.info["site"] == "line 3"  # nothing changed
+    update_manifest(signed, {"info": {"site": "line 4"}})  # no key: the stale signature is removed
+    assert not (signed / "manifest.sig").exists()
+    with pytest.raises(BundleError, match="is not signed"):
+        load_bundle(signed, verify_key=keys["public"])
+
+
+def test_signed_tar_bundle(base_bundle: Path, tmp_path: Path, keys):
+    import tarfile
+
+    b = load_bundle(base_bundle)
+    tar = write_bundle(tmp_path / "s", b.manifest, {n: b.path(n) for n in b.manifest.artifacts},
+                       sign_key=keys["private"], tar=True)
+    with tarfile.open(tar) as tf:
+        assert tf.getnames()[:2] == ["manifest.yaml", "manifest.sig"]
+    with load_bundle(tar, verify_key=keys["public"]) as loaded:
+        assert loaded.manifest == b.manifest.replace(created=loaded.manifest.created,
+                                                     sdk_version=loaded.manifest.sdk_version)
+    with pytest.raises(BundleError, match="signed by another key"):
+        load_bundle(tar, verify_key=keys["other"], extract_to=tmp_path / "x")
+    assert list((tmp_path / "x").iterdir()) == []  # refused before any artifact was extracted
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    with pytest.raises(BundleError, match="is not an unencrypted PEM public key"):
+        load_bundle(tar, verify_key=bad)
+    with pytest.raises(ValueError, match="verify_key needs verify=True"):
+        load_bundle(tar, verify=False, verify_key=keys["public"])
+
+
+def test_cli_convert_signs_and_python_load_verifies(knn_run, real_root, tmp_path: Path, keys):
+    from edge_ad.cli.main import main
+
+    out = tmp_path / "cli_signed"
+    code = main(["convert", str(knn_run), "--target", "onnx-cpu", "--precision", "fp32", "--calib-count", "8",
+                 "--out", str(out), "--sign-key", str(keys["private"])])
+    assert code == 0 and (out / "manifest.sig").is_file()
+    assert load_bundle(out, verify_key=keys["public"]).manifest.precision == "fp32"
+    with pytest.raises(BundleError, match="signed by another key"):
+        load_bundle(out, verify_key=keys["other"])
+
+
+def test_cli_run_refuses_a_foreign_bundle(signed: Path, keys, real_root):
+    folder = real_root / CATEGORY / "test" / "crack"
+    base = [sys.executable, "-m", "edge_ad.cli.main", "run", str(signed), "--source", str(folder),
+            "--max-frames", "2", "--no-progress"]
+    bad = subprocess.run(base + ["--verify-key", str(keys["other"])], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "signed by another key" in bad.stderr
+    good = subprocess.run(base + ["--verify-key", str(keys["public"])], capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr[-2000:]
+
+
+def test_runtime_imports_and_loads_without_cryptography(signed: Path, keys):
+    from torch_blocker import run_without_torch
+
+    proc = run_without_torch(f"""
+        import importlib.abc, sys
+        class _NoCrypto(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "cryptography":
+                    raise ImportError("blocked: cryptography")
+        sys.meta_path.insert(0, _NoCrypto())
+        from edge_ad.runtime import Detector, load_bundle
+        load_bundle({str(signed)!r})
+        try:
+            load_bundle({str(signed)!r}, verify_key={str(keys["public"])!r})
+        except ImportError as e:
+            print("ImportError:", e)
+        assert "cryptography" not in sys.modules and "torch" not in sys.modules
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "needs the 'cryptography' package: pip install 'edge-ad[sign]'" in proc.stdout

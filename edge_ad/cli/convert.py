@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "sensitivity search keeps the most sensitive blocks in float until it holds")
     parser.add_argument("--tar", action="store_true", help="write one .tar file")
     parser.add_argument("--out", required=True, help="bundle directory (or .tar with --tar)")
+    parser.add_argument("--sign-key", default=None, help="PEM Ed25519 private key: sign the bundle (manifest.sig)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
         convert(args.run_dir, args.target, args.out, precision=args.precision, calib=args.calib,
                 calib_count=args.calib_count, synthetic_fraction=args.synthetic_fraction, val_data=args.val_data,
                 val_category=args.val_category, threshold_fpr=args.threshold_fpr,
-                max_map_error=args.max_map_error, tar=args.tar)
+                max_map_error=args.max_map_error, tar=args.tar, sign_key=args.sign_key)
     return 0

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--color-order", default="bgr", choices=("bgr", "rgb", "gray"),
                         help="channel order of the source's frames (OpenCV sources: bgr)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verify-key", default=None,
+                        help="PEM Ed25519 public key: refuse the bundle unless it is signed with its private key")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,8 +39,11 @@ def run(args: argparse.Namespace) -> int:
 
     from edge_ad.runtime.stream import run_stream
 
+    from edge_ad.runtime import load_bundle
+
     source = int(args.source) if args.source.isdigit() else args.source
-    stats = run_stream(args.bundle, source, show=args.show, save=args.save, jsonl=args.jsonl, lossless=args.lossless,
+    bundle = load_bundle(args.bundle, verify_key=args.verify_key) if args.verify_key else args.bundle
+    stats = run_stream(bundle, source, show=args.show, save=args.save, jsonl=args.jsonl, lossless=args.lossless,
                        max_frames=args.max_frames, device=args.device, roi=args.roi, color_order=args.color_order,
                        progress=not args.no_progress)
     d = stats.to_dict()

@@ -35,25 +35,34 @@ A bundle is a directory (or one ``.tar`` of it)::
       model.onnx: {sha256: <hex>, bytes: 1234}
     manifest_sha256: <hex>                  # seal: sha256 of the canonical JSON of everything above
 
-Guarantees:
+Guarantees (details and the tests proving them: ``docs/BUNDLES.md``):
 
-* No pickle anywhere: artifacts with pickle suffixes (``.pt``, ``.pth``, ``.pkl``, ...), pickle
-  byte streams, zip archives holding pickles and object-dtype ``.npy`` / ``.npz`` are refused when
-  writing and when loading; ONNX / IR files must look like protobuf / XML.
+* Only allow-listed artifact types, each checked by parsing its real format at write and at load
+  (:mod:`.formats`): ONNX (protobuf), OpenVINO IR (XML + the ``.bin`` it reads), JSON, ``.npy``
+  without object dtype, safetensors, and raw weights only as the IR's ``.bin`` or an ONNX model's
+  listed external data. Pickles of any protocol, archives (``.npz``, ``.zip``, ``.pkl.gz``) and
+  anything else are refused. No file outside ``engines/`` may be unlisted.
 * Loading validates the schema strictly (unknown, missing or mistyped keys name the field), the
   schema version (a newer bundle says which edge-ad it needs), cross-field consistency (precision
   allowed by the target, engine of the target, pinned OpenVINO precision hint, calibration for
   INT8, required artifacts), the manifest seal and every artifact's size and sha256.
-* Tar bundles are extracted safely: regular files and directories only; absolute paths, ``..``
-  components, links, devices and duplicate members are refused.
-* Writing stages everything in a sibling directory, writes ``manifest.yaml`` last, then swaps the
-  directory in (or renames the finished ``.tar``), so a crash never leaves a half bundle under the
-  real name; it refuses to replace anything that is not a bundle.
+* The seal ``manifest_sha256`` is an *unkeyed* sha256: integrity (corruption, accidental edits),
+  not authenticity: whoever can write the bundle can re-seal it. Authenticity is the optional
+  Ed25519 signature ``manifest.sig`` (:mod:`.signing`; ``verify_key=`` refuses unsigned bundles).
+* Tar bundles are extracted manifest first, listed artifacts only (plus ``engines/``), each capped
+  at its recorded size; sparse members, absolute paths, ``..``, links, devices and duplicates are
+  refused (:mod:`.tar`).
+* Writing stages and fsyncs everything in a sibling directory, writes ``manifest.yaml`` last, then
+  exchanges the directories atomically (or renames the finished ``.tar``): a crash leaves the old
+  or the new bundle under the real name. Manifest updates are locked read-verify-modify-writes
+  (:mod:`.durable`). It refuses to replace anything that is not a bundle.
 
 Layout of this package: :mod:`.schema` (manifest fields and the seal), :mod:`.integrity` (sizes,
-hashes, artifact formats), :mod:`.tar` (safe ``.tar`` handling), :mod:`.io` (write / update / load).
+hashes, unlisted files), :mod:`.formats` (the artifact allow-list) with :mod:`.onnx_wire` (ONNX
+protobuf reader), :mod:`.tar` (safe ``.tar`` handling), :mod:`.durable` (lock, atomic replace,
+fsync), :mod:`.signing` (Ed25519), :mod:`.io` (write / update / load).
 
-Torch-free; needs numpy and PyYAML only.
+Torch-free; needs numpy and PyYAML only (``cryptography`` only when a signing / verify key is given).
 """
 from __future__ import annotations
 
@@ -71,6 +80,7 @@ from .schema import (
     OUTPUT_DTYPES,
     PICKLE_SUFFIXES,
     SCHEMA_VERSION,
+    SIGNATURE_FILE,
     ArtifactRecord,
     BackboneInfo,
     BundleError,
@@ -84,6 +94,7 @@ from .schema import (
     current_sdk_version,
     manifest_digest,
 )
+from .signing import generate_signing_key
 
 __all__ = [
     "ARTIFACT_ONNX",
@@ -93,6 +104,7 @@ __all__ = [
     "FIDELITY_FILE",
     "MANIFEST_FILE",
     "SCHEMA_VERSION",
+    "SIGNATURE_FILE",
     "ArtifactRecord",
     "BackboneInfo",
     "Bundle",
@@ -104,6 +116,7 @@ __all__ = [
     "OutputSpec",
     "Thresholds",
     "current_sdk_version",
+    "generate_signing_key",
     "load_bundle",
     "manifest_digest",
     "update_manifest",

@@ -23,6 +23,7 @@ from .schema import (
     Source,
 )
 
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -54,6 +55,7 @@ def _copy_hashed(source: Source, dest: Path, name: str) -> ArtifactRecord:
     else:
         raise BundleError(f"artifact {name!r}: expected a file path or bytes, got {type(source).__name__}")
     return ArtifactRecord(sha256=digest.hexdigest(), bytes=size)
+
 
 def _verify_artifacts(root: Path, manifest: Manifest, *, checksums: bool, label: str) -> None:
     real_root = os.path.realpath(root)

@@ -24,6 +24,7 @@ from .schema import (
     FIDELITY_FILE,
     MANIFEST_FILE,
     SCHEMA_VERSION,
+    SIGNATURE_FILE,
     BundleError,
     Manifest,
     OutputSpec,
@@ -36,6 +37,7 @@ from .schema import (
     _check_artifact_name,
     manifest_digest,
 )
+from .signing import signature_bytes, verify_signature
 from .tar import _is_bundle_tar, _safe_extract, _write_tar
 
 # --------------------------------------------------------------------------------------------
@@ -62,6 +64,7 @@ def write_bundle(
     *,
     fidelity: Mapping[str, Any] | None = None,
     tar: bool = False,
+    sign_key: str | os.PathLike | None = None,
 ) -> Path:
     """Write a bundle: copy ``artifacts`` in, hash them, write the sealed manifest last.
 
@@ -72,6 +75,8 @@ def write_bundle(
         artifacts: bundle-relative name (``"model.onnx"``, ``"openvino/model.xml"``) -> source file path or bytes.
         fidelity: the full fidelity report, written as ``fidelity.json`` (plain JSON values; use None for NaN).
         tar: write one uncompressed ``.tar`` (members at its root, ``manifest.yaml`` first) instead of a directory.
+        sign_key: PEM file of an Ed25519 private key: also write ``manifest.sig`` (:mod:`.signing`; needs
+            the ``cryptography`` package).
 
     Returns:
         The bundle directory or ``.tar`` path.
@@ -105,15 +110,20 @@ def write_bundle(
         for name, source in sorted(sources.items()):
             dest = staging / name
             records[name] = _copy_hashed(source, dest, name)
-        check_artifact_formats(staging, {name: record.bytes for name, record in records.items()}, f"being written to {out}")
+        sizes = {name: record.bytes for name, record in records.items()}
+        check_artifact_formats(staging, sizes, f"being written to {out}")
         if FIDELITY_FILE in records:
             _read_fidelity(staging / FIDELITY_FILE)
         final = manifest.replace(artifacts=records)
         final.check_complete()
         # Last: a bundle is complete when it has one.
         (staging / MANIFEST_FILE).write_text(_manifest_text(final), encoding="utf-8")
+        signed = []
+        if sign_key is not None:
+            (staging / SIGNATURE_FILE).write_bytes(signature_bytes(manifest_digest(final), sign_key))
+            signed = [SIGNATURE_FILE]
         if tar:
-            _write_tar(staging, out, [MANIFEST_FILE, *sorted(records)])
+            _write_tar(staging, out, [MANIFEST_FILE, *signed, *sorted(records)])
         else:
             fsync_tree(staging)  # every artifact and folder is on disk before the old bundle goes
             _swap_in(staging, out)
@@ -161,7 +171,8 @@ def _swap_in(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def update_manifest(bundle_dir: str | os.PathLike, changes: Mapping[str, Any]) -> Manifest:
+def update_manifest(bundle_dir: str | os.PathLike, changes: Mapping[str, Any], *,
+                    sign_key: str | os.PathLike | None = None) -> Manifest:
     """Change top-level manifest fields of a directory bundle (e.g. ``thresholds``) and re-seal it.
 
     A locked read-verify-modify-write: under an exclusive lock on the bundle directory the bundle is
@@ -170,6 +181,9 @@ def update_manifest(bundle_dir: str | os.PathLike, changes: Mapping[str, Any]) -
     previous one's result, and a crash at any point leaves the old or the new manifest, never a torn one.
     ``artifacts`` and ``schema_version`` cannot be changed here (re-write the bundle). Values may be
     plain dicts or the section dataclasses.
+
+    A signed bundle's ``manifest.sig`` no longer matches the changed manifest: it is re-signed with
+    ``sign_key`` (PEM Ed25519 private key) when given, else removed (the bundle is then unsigned).
     """
     path = Path(bundle_dir)
     if not path.is_dir():
@@ -177,8 +191,19 @@ def update_manifest(bundle_dir: str | os.PathLike, changes: Mapping[str, Any]) -
     with locked_dir(path) as dir_fd:
         remove_stale_temps(dir_fd)
         manifest = _apply_changes(load_bundle(path, verify=True), changes)
+        # Signed before anything is written, so a bad key changes nothing.
+        signature = signature_bytes(manifest_digest(manifest), sign_key) if sign_key is not None else None
         fault_point("manifest-before-write")
         replace_file_atomic(dir_fd, MANIFEST_FILE, _manifest_text(manifest).encode("utf-8"))
+        # After the manifest: a crash in between leaves a signature of the old manifest, which fails closed.
+        if signature is not None:
+            replace_file_atomic(dir_fd, SIGNATURE_FILE, signature)
+        else:
+            try:
+                os.unlink(SIGNATURE_FILE, dir_fd=dir_fd)
+                os.fsync(dir_fd)
+            except FileNotFoundError:
+                pass
     return manifest
 
 
@@ -271,8 +296,20 @@ class Bundle:
         return self.root / ENGINES_DIR
 
     def verify(self) -> None:
-        """Re-check every artifact's size, sha256 and pickle-freedom (raises :class:`BundleError`)."""
+        """Re-check every artifact's size, sha256 and format, and that no file is unlisted.
+
+        Raises:
+            BundleError: naming the artifact / file and the fix.
+        """
         _verify_artifacts(self.root, self.manifest, checksums=True, label=str(self.source))
+
+    def check_signature(self, verify_key: str | os.PathLike) -> None:
+        """Refuse (:class:`BundleError`) unless the bundle is signed with the Ed25519 key whose public PEM
+        file is ``verify_key``, and its artifacts still match their checksums."""
+        manifest = _read_manifest(self.root, str(self.source), True, verify_key)
+        if manifest != self.manifest:
+            raise BundleError(f"bundle {self.source}: manifest.yaml changed since it was loaded; load it again")
+        self.verify()
 
     def close(self) -> None:
         """Delete the temporary extraction directory of a ``.tar`` bundle (no-op for directories)."""
@@ -296,21 +333,29 @@ def load_bundle(
     *,
     verify: bool = True,
     extract_to: str | os.PathLike | None = None,
+    verify_key: str | os.PathLike | None = None,
 ) -> Bundle:
     """Load and validate a bundle directory or ``.tar``.
 
     Args:
         path: bundle directory, or ``.tar`` written by :func:`write_bundle` (``tar -cf`` of a bundle
             directory works too; members may sit under one top-level folder).
-        verify: check the manifest seal and every artifact's sha256 (sizes, schema and pickle-freedom
-            are always checked). Turn off only for fast restarts of a bundle verified before.
+        verify: check the manifest seal and every artifact's sha256 (sizes, schema, artifact formats
+            and unlisted files are always checked). Turn off only for fast restarts of a bundle
+            verified before.
         extract_to: where to extract a ``.tar`` (a new or empty directory, kept); default a
             temporary directory removed by :meth:`Bundle.close` or garbage collection.
+        verify_key: PEM file of the Ed25519 public key the bundle must be signed with
+            (:mod:`.signing`); unsigned bundles and bundles signed by another key are refused.
+            None (default) = signatures are not checked.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         BundleError: anything else, with the file / field and the fix in the message.
+        ImportError: ``verify_key`` was given but the ``cryptography`` package is missing.
     """
+    if verify_key is not None and not verify:
+        raise ValueError("verify_key needs verify=True: the signature covers the artifacts through their checksums")
     source = Path(path)
     if not source.exists():
         raise FileNotFoundError(f"bundle not found: {source}")
@@ -325,8 +370,13 @@ def load_bundle(
         else:
             root = temp_dir = Path(tempfile.mkdtemp(prefix="edge_ad_bundle_"))
         try:
-            _safe_extract(source, root)
-            return _load_dir(root, source, verify, temp_dir)
+            label = str(source)
+            _safe_extract(source, root, lambda r: {
+                name: record.bytes
+                for name, record in _read_manifest(r, label, verify, verify_key,
+                                                   signature_optional=True).artifacts.items()
+            })
+            return _load_dir(root, source, verify, temp_dir, verify_key)
         except BaseException:
             # Leave nothing half-extracted behind (extract_to was new or empty).
             if temp_dir is not None:
@@ -343,7 +393,7 @@ def load_bundle(
             f"{source} is neither a bundle directory nor a .tar bundle; "
             "bundles are written by edge-ad convert / write_bundle"
         )
-    return _load_dir(root, source, verify, temp_dir)
+    return _load_dir(root, source, verify, temp_dir, verify_key)
 
 
 def _read_manifest_doc(root: Path, label: str) -> dict[str, Any]:
@@ -366,8 +416,20 @@ def _read_manifest_doc(root: Path, label: str) -> dict[str, Any]:
     return doc
 
 
-def _load_dir(root: Path, source: Path, verify: bool, temp_dir: Path | None) -> Bundle:
+def _load_dir(root: Path, source: Path, verify: bool, temp_dir: Path | None,
+              verify_key: str | os.PathLike | None) -> Bundle:
     label = str(source)
+    manifest = _read_manifest(root, label, verify, verify_key)
+    _verify_artifacts(root, manifest, checksums=verify, label=label)
+    fidelity = _read_fidelity(root / FIDELITY_FILE) if FIDELITY_FILE in manifest.artifacts else None
+    return Bundle(root, source, manifest, fidelity, temp_dir)
+
+
+def _read_manifest(root: Path, label: str, verify: bool, verify_key: str | os.PathLike | None, *,
+                   signature_optional: bool = False) -> Manifest:
+    """The validated manifest of ``root``: schema version, schema, seal (``verify``), and the signature
+    (``verify_key``; with ``signature_optional`` only when ``manifest.sig`` is there, for the early check
+    of a ``.tar`` before its artifacts are extracted)."""
     doc = _read_manifest_doc(root, label)
     # Version first: a newer schema may legitimately fail every other check.
     if "schema_version" not in doc:
@@ -396,6 +458,6 @@ def _load_dir(root: Path, source: Path, verify: bool, temp_dir: Path | None) -> 
                 "re-create the bundle; for an intended change use edge_ad.runtime.update_manifest(bundle_dir, {...}), "
                 "which re-seals it"
             )
-    _verify_artifacts(root, manifest, checksums=verify, label=label)
-    fidelity = _read_fidelity(root / FIDELITY_FILE) if FIDELITY_FILE in manifest.artifacts else None
-    return Bundle(root, source, manifest, fidelity, temp_dir)
+        if verify_key is not None and not (signature_optional and not (root / SIGNATURE_FILE).is_file()):
+            verify_signature(root, actual, verify_key, label)
+    return manifest
