@@ -20,8 +20,8 @@ PIP=("$VENV/bin/python" -m pip)
 echo "[setup] installing $TORCH_SPEC"
 # shellcheck disable=SC2086  # the spec is a list of requirements
 "${PIP[@]}" install -q $TORCH_SPEC
-echo "[setup] building and installing edge-ad (C++ extension included) with extras train,convert,opencv,synth,dev"
+echo "[setup] building and installing edge-ad (C++ extension included) with extras train,convert,opencv,synth,sign,dev"
 # Pass the same torch pin again so no extra's dependency can swap the build underneath us.
 # shellcheck disable=SC2086
-"${PIP[@]}" install -q -e ".[train,convert,opencv,synth,dev]" $TORCH_SPEC
+"${PIP[@]}" install -q -e ".[train,convert,opencv,synth,sign,dev]" $TORCH_SPEC
 "$VENV/bin/edge-ad" info
