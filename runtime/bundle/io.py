@@ -8,7 +8,7 @@ import shutil
 import tarfile
 import tempfile
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,8 @@ def _swap_in(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def update_manifest(bundle_dir: str | os.PathLike, changes: Mapping[str, Any]) -> Manifest:
+def update_manifest(bundle_dir: str | os.PathLike,
+                    changes: Mapping[str, Any] | Callable[[Manifest], Mapping[str, Any]]) -> Manifest:
     """Change top-level manifest fields of a directory bundle (e.g. ``thresholds``) and re-seal it.
 
     A locked read-verify-modify-write: under an exclusive lock on the bundle directory the bundle is
@@ -170,13 +171,18 @@ def update_manifest(bundle_dir: str | os.PathLike, changes: Mapping[str, Any]) -
     previous one's result, and a crash at any point leaves the old or the new manifest, never a torn one.
     ``artifacts`` and ``schema_version`` cannot be changed here (re-write the bundle). Values may be
     plain dicts or the section dataclasses.
+
+    ``changes`` may also be a function of the current (verified) manifest returning the changes:
+    it is called under the lock, so a read-modify-write of one section (e.g. adding one camera's
+    profile to ``info``) never loses a concurrent update of the same section.
     """
     path = Path(bundle_dir)
     if not path.is_dir():
         raise BundleError(f"update_manifest works on bundle directories; {path} is not one (extract the .tar first)")
     with locked_dir(path) as dir_fd:
         remove_stale_temps(dir_fd)
-        manifest = _apply_changes(load_bundle(path, verify=True), changes)
+        current = load_bundle(path, verify=True)
+        manifest = _apply_changes(current, changes(current.manifest) if callable(changes) else changes)
         fault_point("manifest-before-write")
         replace_file_atomic(dir_fd, MANIFEST_FILE, _manifest_text(manifest).encode("utf-8"))
     return manifest

@@ -1,0 +1,205 @@
+"""Many cameras on one Detector: multi-source streams (four video files made from real images),
+per-source accounting in lossless and line-speed modes, a camera that fails and comes back while the
+others keep delivering, and the round-robin FairQueue the pipeline schedules with."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_ad.converters.convert import convert
+from edge_ad.data import MVTecDataset
+from edge_ad.runtime import Detector, read_image
+from edge_ad.runtime.fair_queue import CLOSED, FairQueue
+from edge_ad.runtime.sources import FrameSource, SourceError
+from edge_ad.runtime.stream import ReconnectPolicy, StreamError, split_sources
+
+CATEGORY = "mvtec_hazelnut_256"
+FAST = ReconnectPolicy(initial_delay=0.01, factor=2.0, max_delay=0.05, max_attempts=3)
+CAMS = ("cam_top", "cam_side", "cam_end", "cam_back")
+
+
+@pytest.fixture(scope="module")
+def det(knn_run, real_root, tmp_path_factory):
+    path = convert(knn_run, "onnx-cpu", tmp_path_factory.mktemp("multicam_b") / "onnx", precision="fp32",
+                   calib_count=8, val_data=real_root, progress=False)
+    return Detector.load(path)
+
+
+@pytest.fixture(scope="module")
+def images(real_root):
+    """Real hazelnut test shots (good and defective), BGR uint8 as OpenCV decodes them."""
+    return [read_image(s.path, "bgr") for s in MVTecDataset(real_root, CATEGORY, "test")]
+
+
+@pytest.fixture(scope="module")
+def videos(images, tmp_path_factory):
+    """Four MJPG videos standing in for four cameras: 6, 5, 4 and 3 frames of real shots (cycled)."""
+    import cv2
+
+    folder = tmp_path_factory.mktemp("multicam_videos")
+    paths, start = {}, 0
+    for cam, n in zip(CAMS, (6, 5, 4, 3)):
+        path = folder / f"{cam}.avi"
+        h, w = images[0].shape[:2]
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (w, h))
+        assert writer.isOpened()
+        for k in range(start, start + n):
+            writer.write(images[k % len(images)])
+        writer.release()
+        paths[cam], start = str(path), start + n
+    return paths
+
+
+def _accounted(s) -> bool:
+    return s.captured == s.delivered + s.dropped_total + s.skipped_total
+
+
+def _no_new_threads(baseline: set[threading.Thread]) -> None:
+    new = [t for t in threading.enumerate() if t not in baseline]
+    assert not new, f"threads left running: {new}"
+
+
+def test_four_video_cameras_lossless_every_frame_accounted(det, videos):
+    baseline = set(threading.enumerate())
+    with det.stream(videos, keep_frames=True) as stream:
+        results = list(stream)
+    assert stream.mode == "lossless" and list(stream.sources) == list(CAMS)
+    by_cam = {cam: [r for r in results if r.source == cam] for cam in CAMS}
+    assert {cam: len(r) for cam, r in by_cam.items()} == dict(zip(CAMS, (6, 5, 4, 3)))
+    for cam, rs in by_cam.items():
+        assert [r.frame_index for r in rs] == list(range(len(rs)))  # in order within a camera
+        assert [r.capture_time for r in rs] == sorted(r.capture_time for r in rs)
+    for res in results[::3]:  # the shared pipeline gives what predict gives for the same decoded frame
+        ref = det.predict(res.frame)
+        np.testing.assert_array_equal(res.model_map, ref.model_map)
+        assert res.score == ref.score and res.is_anomalous == ref.is_anomalous and res.regions == ref.regions
+    s = stream.stats
+    assert set(s.sources) == set(CAMS)
+    for cam, n in zip(CAMS, (6, 5, 4, 3)):
+        cs = s.sources[cam]
+        assert (cs.captured, cs.processed, cs.delivered, cs.dropped_total, cs.skipped_total) == (n, n, n, 0, 0)
+        assert cs.queues["frames"]["max_depth"] <= cs.queues["frames"]["bound"] == 2
+    assert (s.captured, s.delivered) == (18, 18) and _accounted(s) and s.error is None
+    assert s.batch == 1 and s.batches == 18 and s.batch_fill == 1.0
+    _no_new_threads(baseline)
+
+
+def test_line_speed_slow_consumer_drops_per_camera_and_starves_none(det, videos):
+    with det.stream({cam: path for cam, path in videos.items()}, lossless=False, queue_size=1) as stream:
+        results = []
+        for res in stream:
+            results.append(res)
+            time.sleep(0.03)  # a consumer slower than four file "cameras"
+    s = stream.stats
+    assert s.mode == "line-speed"
+    for cam in CAMS:
+        cs = s.sources[cam]
+        assert _accounted(cs), (cam, cs)
+        assert cs.delivered >= 1, f"{cam} starved: {cs}"  # fair scheduling: every camera gets the engine
+        assert cs.queues["frames"]["max_depth"] <= 1
+    assert s.dropped_total > 0 and _accounted(s)  # the consumer was too slow: drops, counted per camera
+    assert sum(sum(cs.dropped.values()) for cs in s.sources.values()) == s.dropped_total
+    assert s.queues["results"]["max_depth"] <= s.queues["results"]["bound"] == 4
+
+
+class FlakyCamera(FrameSource):
+    """A live camera that loses its link after ``fail_after`` frames and re-opens after ``refuse`` failed opens."""
+
+    live = True
+    reopenable = True
+
+    def __init__(self, name, frames, fail_after, refuse):
+        super().__init__()
+        self.name, self.frames, self.fail_after, self.refuse = name, frames, fail_after, refuse
+        self.opens = self.reads = 0
+
+    def open(self):
+        self.opens += 1
+        if self.opens > 1 and self.refuse > 0:
+            self.refuse -= 1
+            raise SourceError(f"no device for {self.name}")
+
+    def read(self):
+        self.reads += 1
+        if self.reads == self.fail_after + 1:
+            raise SourceError("VIDIOC_DQBUF: No such device")
+        if self.reads > len(self.frames) + 1:
+            return None
+        time.sleep(0.002)  # a camera's frame period
+        return self.frames[(self.reads - 1) % len(self.frames)]
+
+
+def test_camera_killed_mid_stream_reconnects_while_others_deliver(det, videos, images):
+    flaky = FlakyCamera("cam_flaky", images[:8], fail_after=3, refuse=2)
+    sources = {"cam_top": videos["cam_top"], "cam_side": videos["cam_side"], "cam_flaky": flaky}
+    stream = det.stream(sources, reconnect=FAST, lossless=True)
+    results = list(stream)
+    s = stream.stats
+    assert s.error is None and s.sources["cam_flaky"].reconnects == 1
+    assert s.sources["cam_top"].reconnects == 0 and s.sources["cam_side"].reconnects == 0
+    assert [r.frame_index for r in results if r.source == "cam_flaky"] == list(range(8))
+    assert sum(r.source == "cam_top" for r in results) == 6 and sum(r.source == "cam_side" for r in results) == 5
+    flaky_events = [e.kind for e in stream.events if e.source == "cam_flaky"]
+    assert flaky_events.count("source_lost") == 1 and flaky_events.count("reconnected") == 1
+    assert not any(e.kind == "source_lost" for e in stream.events if e.source != "cam_flaky")
+    assert all(_accounted(cs) for cs in s.sources.values()) and _accounted(s)
+
+
+def test_camera_gone_for_good_does_not_stop_the_others(det, videos, images):
+    dead = FlakyCamera("cam_dead", images[:8], fail_after=2, refuse=99)
+    stream = det.stream({"cam_top": videos["cam_top"], "cam_dead": dead}, reconnect=FAST, lossless=True)
+    got = []
+    with pytest.raises(StreamError, match="gave up on source cam_dead"):
+        for res in stream:
+            got.append(res)
+    assert sum(r.source == "cam_top" for r in got) == 6  # every frame of the healthy camera came through
+    assert sum(r.source == "cam_dead" for r in got) == 2
+    s = stream.stats
+    assert s.sources["cam_top"].error is None and "cam_dead" in s.sources["cam_dead"].error
+    assert all(_accounted(cs) for cs in s.sources.values())
+
+
+def test_split_sources_tells_cameras_from_frames(images, videos):
+    assert split_sources(images[:2]) == [(None, images[:2])]  # a list of frames is one source
+    assert split_sources([0, "rtsp://x/1"]) == [(None, 0), (None, "rtsp://x/1")]
+    assert split_sources({"a": 0, "b": 1}) == [("a", 0), ("b", 1)]
+    with pytest.raises(TypeError, match="non-empty strings"):
+        split_sources({"": 0})
+    with pytest.raises(ValueError, match="empty"):
+        split_sources({})
+
+
+def test_list_of_sources_is_named_by_source_and_deduplicated(det, videos):
+    path = videos["cam_end"]
+    stream = det.stream([path, path])
+    assert list(stream.sources) == [path, f"{path}#1"]
+    assert len(list(stream)) == 8 and stream.stats.sources[f"{path}#1"].delivered == 4
+
+
+def test_fair_queue_round_robin_per_lane_drops_and_batches():
+    q = FairQueue(3, maxsize=2)
+    for lane, items in ((0, "abc"), (1, "xy"), (2, "p")):
+        for it in items:
+            q.put(lane, it, drop_oldest=True)
+    assert q.max_depth == [2, 2, 1]  # lane 0 dropped its own oldest ("a"), not another lane's
+    assert q.get_batch(4) == ["b", "x", "p", "c"]  # round-robin, one per lane per pass
+    assert q.get_batch(4, wait_s=0.01) == ["y"]  # the wait is bounded; fewer frames are returned
+    # Frames of one batch share a key (e.g. a colour order); the others stay queued.
+    q.put(0, ("rgb", 1), drop_oldest=False)
+    q.put(1, ("bgr", 2), drop_oldest=False)
+    q.put(2, ("rgb", 3), drop_oldest=False)
+    # Lane 1 was served last, so lane 2 comes first; lane 1's "bgr" frame does not join the batch.
+    assert q.get_batch(3, key=lambda it: it[0]) == [("rgb", 3), ("rgb", 1)]
+    assert q.get_batch(3) == [("bgr", 2)]
+    q.close_lane(0)
+    assert q.put(0, "late", drop_oldest=True)[0] is False
+    q.close()
+    assert q.get_batch(2) is CLOSED
+
+
+def test_batch_wait_ms_is_checked(det, videos):
+    with pytest.raises(ValueError, match="batch_wait_ms"):
+        det.stream(videos, batch_wait_ms=-1)
