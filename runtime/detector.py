@@ -144,6 +144,7 @@ class Detector:
 
         self.cameras = camera_profiles(bundle.manifest)  # BundleError for a malformed info.cameras
         self._unknown_cameras: set[str] = set()
+        self._cameras_lock = threading.Lock()
         if self.regions and not cv2_available():
             require_cv2("label defect regions in Detector results (or load with regions=False)")
 
@@ -451,8 +452,14 @@ class Detector:
             warnings.warn(f"bundle {self.bundle.source} has no camera profile {name!r} (it has "
                           f"{', '.join(sorted(self.cameras))}); this camera uses the bundle's default thresholds. "
                           f"Calibrate it with det.calibrate(frames, camera={name!r}) or name the source like a "
-                          "profiled camera", UserWarning, stacklevel=3)
+                          "profiled camera", UserWarning, stacklevel=5)
         return profile
+
+    def set_camera_profile(self, profile: Any) -> None:
+        """Use ``profile`` (a :class:`~edge_ad.runtime.camera_profile.CameraProfile`) for its camera from
+        the next stream on (a running stream keeps the profiles it started with)."""
+        with self._cameras_lock:  # two calibrations finishing at once both land
+            self.cameras = {**self.cameras, profile.name: profile}
 
     def warn_if_uncalibrated(self) -> None:
         """Warn once (UserWarning) when the bundle lacks an image or pixel threshold."""
@@ -510,7 +517,9 @@ class Detector:
 
         ``good_frames``: a source (image folder, video file, camera...), an array or an iterable of
         uint8 frames of good parts. Other keyword arguments (``pixel_fpr``, ``roi``, ``color_order``,
-        ``max_frames``, ``save``, ``progress``) as :func:`edge_ad.runtime.calibrate.calibrate_bundle`.
+        ``max_frames``, ``save``, ``progress``, ``camera``) as :func:`edge_ad.runtime.calibrate.calibrate_bundle`;
+        ``camera="cam_side"`` fits that camera's profile only (``det.stream({"cam_side": ...})`` judges
+        its frames by it; the bundle's default thresholds stay).
         Returns its :class:`~edge_ad.runtime.calibrate.CalibrationReport`.
         """
         from .calibrate import calibrate_bundle
