@@ -908,19 +908,22 @@ def result_record(res: Result) -> dict[str, Any]:
 def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None = None, jsonl: str | None = None,
                lossless: bool | None = None, max_frames: int | None = None, device: str = "auto",
                roi: tuple[int, int, int, int] | None = None, color_order: str = "bgr", queue_size: int = 2,
-               reconnect: bool | ReconnectPolicy = True, progress: bool = True) -> StreamStats:
+               reconnect: bool | ReconnectPolicy = True, progress: bool = True,
+               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> StreamStats:
     """Stream a bundle over a source, writing JSON lines / an overlay video / a window. ``edge-ad run``.
 
     Args:
         bundle: bundle directory / ``.tar`` / :class:`~edge_ad.runtime.Bundle`, or a loaded
             :class:`~edge_ad.runtime.Detector`.
-        source: what :func:`~edge_ad.runtime.sources.open_source` takes.
+        source: what :func:`~edge_ad.runtime.sources.open_source` takes, or several sources
+            (a ``{name: source}`` mapping: :meth:`Detector.stream`).
         show: show frames with the overlay in an OpenCV window (press ``q`` or Esc to stop).
         save: write the overlaid frames to this video file (``.mp4`` mp4v / ``.avi`` MJPG) at the
             source's frame rate (25 fps when unknown).
         jsonl: write one JSON object per result (:func:`result_record`), then a final
             ``{"stats": ...}`` line (:meth:`StreamStats.to_dict`).
-        lossless, max_frames, roi, color_order, queue_size, reconnect: as :meth:`Detector.stream`.
+        lossless, max_frames, roi, color_order, queue_size, reconnect, batch_wait_ms: as
+            :meth:`Detector.stream`.
         device: engine device (``"auto"`` = the bundle target's).
         progress: a tqdm bar (when tqdm is installed) counting results.
 
@@ -934,6 +937,9 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
 
     from .detector import Detector
 
+    if (show or save) and len(split_sources(source)) > 1:
+        raise ValueError("show / save draw one camera's video; with several sources write --jsonl (each record "
+                         "names its source) or run one camera with --show / --save")
     det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device)
     draw = None
     if show or save:
@@ -959,7 +965,8 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
     writer = None
     writer_size = (0, 0)
     stream = det.stream(source, lossless=lossless, queue_size=queue_size, color_order=color_order, roi=roi,
-                        reconnect=reconnect, keep_frames=bool(show or save), max_frames=max_frames)
+                        reconnect=reconnect, keep_frames=bool(show or save), max_frames=max_frames,
+                        batch_wait_ms=batch_wait_ms)
     try:
         with stream:
             for res in stream:

@@ -203,3 +203,49 @@ def test_fair_queue_round_robin_per_lane_drops_and_batches():
 def test_batch_wait_ms_is_checked(det, videos):
     with pytest.raises(ValueError, match="batch_wait_ms"):
         det.stream(videos, batch_wait_ms=-1)
+
+
+def test_cli_run_named_sources_writes_per_camera_records(det, videos, tmp_path, capsys):
+    import json
+
+    from edge_ad.cli.main import main
+
+    out = tmp_path / "r.jsonl"
+    rc = main(["run", str(det.bundle.source), "--source", f"cam_top={videos['cam_top']}", "--source",
+               f"cam_side={videos['cam_side']}", "--jsonl", str(out), "--no-progress", "--batch-wait-ms", "1"])
+    assert rc == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    records, stats = lines[:-1], lines[-1]["stats"]
+    assert sorted(r["source"] for r in records) == ["cam_side"] * 5 + ["cam_top"] * 6
+    assert stats["sources"]["cam_top"]["delivered"] == 6 and stats["sources"]["cam_side"]["delivered"] == 5
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert summary["sources"]["cam_side"]["captured"] == 5 and summary["delivered"] == 11
+
+
+def test_named_sources_parsing():
+    import argparse
+
+    from edge_ad.cli._parse import named_sources
+
+    assert named_sources(["0"]) == 0 and named_sources(["rtsp://h/s?a=1"]) == "rtsp://h/s?a=1"
+    assert named_sources(["cam_top=0", "cam_side=rtsp://h/s?a=1"]) == {"cam_top": 0, "cam_side": "rtsp://h/s?a=1"}
+    gst = "v4l2src device=/dev/video0 ! videoconvert ! appsink"
+    assert named_sources([gst]) == gst and named_sources(["a=1", gst]) == {"a": 1, "cam1": gst}
+    assert named_sources(["cam_top=0"]) == {"cam_top": 0}  # one named camera keeps its name (its profile)
+    with pytest.raises(argparse.ArgumentTypeError, match="twice"):
+        named_sources(["a=0", "a=1"])
+
+
+def test_benchmark_four_cameras_cycles_files_and_reports_per_camera(det, videos):
+    from edge_ad.runtime.benchmark import benchmark, format_report
+
+    rep = benchmark(det, videos["cam_back"], warmup=4, iterations=36, sources=4, progress=False)
+    assert rep["frames"] == 36 and set(rep["sources"]) == {"cam0", "cam1", "cam2", "cam3"}
+    assert sum(c["delivered"] for c in rep["sources"].values()) == 36
+    assert rep["end_to_end_fps"] > 0 and all(c["fps"] > 0 for c in rep["sources"].values())
+    assert rep["captured"] == 40  # the 3-frame video, cycled: 10 frames per camera
+    assert rep["batch"] == 1 and rep["batch_fill"] == 1.0
+    table = format_report(rep)
+    assert "cam3" in table and "c2d p99 ms" in table and "batch fill" in table
+    with pytest.raises(ValueError, match="sources must be"):
+        benchmark(det, None, sources=0, progress=False)
