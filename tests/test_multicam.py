@@ -249,3 +249,38 @@ def test_benchmark_four_cameras_cycles_files_and_reports_per_camera(det, videos)
     assert "cam3" in table and "c2d p99 ms" in table and "batch fill" in table
     with pytest.raises(ValueError, match="sources must be"):
         benchmark(det, None, sources=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ov_int8(knn_run, tmp_path_factory):
+    """intel-cpu INT8 bundles of the same run at static batch 1 and 4 (same calibration set)."""
+    out = tmp_path_factory.mktemp("multicam_ov")
+    return {b: Detector.load(convert(knn_run, "intel-cpu", out / f"b{b}", precision="int8", calib_count=8,
+                                     progress=False, batch=b)) for b in (1, 4)}
+
+
+def test_batch4_openvino_bundle_equals_batch1_per_frame_across_cameras(ov_int8, videos):
+    det1, det4 = ov_int8[1], ov_int8[4]
+    assert det4.engine.batch == 4 and det1.engine.batch == 1
+    assert det4.bundle.manifest.info["batch"]["size"] == 4
+    assert det4.bundle.manifest.info["batch"]["max_map_diff"] <= 1e-4
+    with det4.stream(videos, keep_frames=True, batch_wait_ms=50) as stream:
+        results = list(stream)
+    s = stream.stats
+    assert s.delivered == 18 and all(_accounted(cs) for cs in s.sources.values())
+    assert s.batch == 4 and s.batches < 18 and s.batch_fill > 0.25  # frames of several cameras shared calls
+    for res in results:
+        ref = det1.predict(res.frame)
+        np.testing.assert_allclose(res.model_map, ref.model_map, atol=1e-4, rtol=0)
+        assert abs(res.score - ref.score) <= 1e-4
+    # batch-1 bundles keep working with several sources (one frame per call, round-robin)
+    with det1.stream(videos) as stream1:
+        assert len(list(stream1)) == 18
+    assert stream1.stats.batch == 1 and stream1.stats.batch_fill == 1.0
+
+
+def test_convert_batch_is_refused_where_not_supported(knn_run, tmp_path):
+    with pytest.raises(ValueError, match="OpenVINO targets"):
+        convert(knn_run, "onnx-cpu", tmp_path / "x", precision="fp32", calib_count=8, progress=False, batch=4)
+    with pytest.raises(ValueError, match="batch must be an int"):
+        convert(knn_run, "intel-cpu", tmp_path / "y", precision="fp32", calib_count=8, progress=False, batch=0)
