@@ -7,37 +7,53 @@
             res.frame_index, res.capture_time, res.score, res.is_anomalous
     stream.stats                                   # captured / delivered / dropped / skipped, queue depths
 
+Several cameras through one detector (docs/MULTI_CAMERA.md)::
+
+    with det.stream({"cam_top": 0, "cam_side": "rtsp://cam/2"}) as stream:
+        for res in stream:                         # res.source names the camera
+            ...
+    stream.stats.sources["cam_side"]               # per camera; stream.stats holds the totals
+
 Threads and queues (all bounded, so a slow consumer cannot make memory grow)::
 
-    capture --[frames: queue_size]--> submit --[engine slots]--> collect --[results: queue_size]--> consumer
-    (read + validate)                (preprocess into a slot     (wait, postprocess)           (the generator)
-                                      buffer, engine.start)
+    capture[cam] --[frames: queue_size per camera]--> submit --[engine slots]--> collect --[results]--> consumer
+    (one thread per source:   (FairQueue: round-robin,   (preprocess up to      (wait, postprocess  (the generator)
+     read + validate)          one lane per camera)       `batch` frames into    each frame with its
+                                                          a slot, engine.start)  camera's profile)
+
+The result queue holds ``queue_size`` results per camera.
 
 * ``capture`` reads the source, stamps each frame (``frame_index``, ``time.monotonic()``,
   ``time.time()``) and validates it; bad frames become reported skips.
-* ``submit`` takes a free engine slot, *then* the next frame (so in line-speed mode it takes the
-  freshest one), preprocesses straight into the slot's buffer and starts the engine
-  asynchronously; with two slots, frame k+1 is preprocessed while frame k infers.
+* ``submit`` takes a free engine slot, *then* the next frame(s) (so in line-speed mode it takes the
+  freshest ones), round-robin over the cameras that have one (fair scheduling: a busy camera
+  cannot take another's turn); with a static-batch bundle (``convert --batch N``) it gathers up
+  to N frames of different cameras, waiting at most ``batch_wait_ms`` after the first, and the
+  engine pads the rest. It preprocesses straight into the slot's buffer and starts the engine
+  asynchronously; with two slots, call k+1 is preprocessed while call k infers.
 * ``collect`` waits for slots in start order, frees the slot, postprocesses (map resize,
   thresholds, regions) and hands the :class:`~edge_ad.runtime.result.Result` to the consumer.
 
 Modes:
 
-* line-speed (``lossless=False``, default for live sources): a full frame queue drops its oldest
-  frame (``dropped["stale_frame"]``) and a full result queue its oldest result
-  (``dropped["slow_consumer"]``), so latency stays bounded when inference or the consumer is
-  slower than the camera;
+* line-speed (``lossless=False``, default when any source is live): a camera's full frame lane
+  drops *its own* oldest frame (``dropped["stale_frame"]``) and a full result queue the oldest
+  result of the same camera (else the oldest; ``dropped["slow_consumer"]``), so latency stays
+  bounded when inference or the consumer is slower than the cameras, and a fast camera never
+  pushes out a slow one's frames;
 * lossless (``lossless=True``, default for files, folders, iterables): every frame is processed
   and delivered in order; full queues block the stage before them (back-pressure down to capture).
 
-Accounting, exact once the stream has ended: ``captured == delivered + sum(dropped) +
-sum(skipped)``; frames abandoned by ``close()`` count as ``dropped["shutdown"]``.
+Accounting, exact once the stream has ended, per camera and in total: ``captured == delivered +
+sum(dropped) + sum(skipped)``; frames abandoned by ``close()`` count as ``dropped["shutdown"]``.
 
 Source loss (:class:`~edge_ad.runtime.sources.SourceError`): with ``reconnect`` the source is
-re-opened with exponential back-off (:class:`ReconnectPolicy`), each step reported as a
-:class:`StreamEvent` (``stream.events``) and logged on the ``edge_ad.runtime.stream`` logger; when
-it gives up (or cannot reconnect), the results already made are delivered and the iteration then
-raises :class:`StreamError` naming the source and the last error.
+re-opened with exponential back-off (:class:`ReconnectPolicy`) by its own capture thread, so
+the other cameras keep delivering meanwhile; each step is reported as a :class:`StreamEvent`
+(``stream.events``, with its ``source``) and logged on the ``edge_ad.runtime.stream`` logger. When
+it gives up (or cannot reconnect), that camera ends; the others go on, and once every source
+has ended and the results made are delivered, the iteration raises :class:`StreamError` naming
+the lost source(s) and the last error.
 
 Shutdown: ``close()``, leaving a ``with`` block, closing / breaking out of the iteration, or
 Ctrl-C in the consumer stop the threads and join them; in-flight engine requests are waited for.
