@@ -235,7 +235,7 @@ def _engine_fps(det: Any, warmup: int, iterations: int) -> float:
 def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: int = 200, device: str = "auto",
               json_path: str | os.PathLike | None = None, frame_size: tuple[int, int] = (480, 640),
               lossless: bool | None = None, progress: bool = True, sources: int = 1,
-              batch_wait_ms: float = 2.0) -> dict[str, Any]:
+              batch_wait_ms: float = 2.0, map_resolution: str = "frame") -> dict[str, Any]:
     """Benchmark a bundle: bare engine and end-to-end streaming on this device.
 
     Args:
@@ -252,6 +252,8 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
         sources: number of cameras streamed at once through the one detector (each a copy of
             ``source``, cycled; synthetic frames with a different seed each).
         batch_wait_ms: as :meth:`~edge_ad.runtime.Detector.stream` (static-batch bundles).
+        map_resolution: as :meth:`~edge_ad.runtime.Detector.load` when ``bundle`` is not a
+            loaded detector (``"lazy"``: no full-resolution map per frame).
 
     Returns:
         The report: ``{"bundle", "source", "frames", "mode", "engine_fps", "end_to_end_fps",
@@ -271,7 +273,7 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
         raise ValueError(f"frame_size must be (height, width) in pixels, each >= 2, got {frame_size!r}")
     if isinstance(sources, bool) or not isinstance(sources, int) or sources < 1:
         raise ValueError(f"sources must be an int >= 1 (cameras), got {sources!r}")
-    det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device)
+    det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device, map_resolution=map_resolution)
     if progress:
         print(f"[benchmark] bare engine: {warmup} warm-up + {iterations} calls", file=sys.stderr)
     engine_fps = _engine_fps(det, warmup, iterations)

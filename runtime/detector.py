@@ -49,7 +49,7 @@ from ._cv import cv2_available, require_cv2
 from .bundle import Bundle, load_bundle
 from .engines import DEFAULT_SLOTS, Engine, create_engine
 from .preprocessing import COLOR_ORDERS, _apply_roi, _axis_taps, _check_frame, _is_int, preprocess_batch
-from .result import Region, Result
+from .result import LazyMapsResult, Region, Result
 
 if TYPE_CHECKING:  # pragma: no cover
     from .stream import ReconnectPolicy, Stream
@@ -62,7 +62,7 @@ DEFAULT_DISPLAY_THRESHOLD = 3.0
 #: line-scan / 8K camera frame. A 20000 x 20000 frame would otherwise cost seconds and GBs of maps.
 DEFAULT_MAX_FRAME_PIXELS = 8192 * 8192
 #: ``Detector.load(map_resolution=...)``: maps at the frame's (ROI's) resolution, or the model's.
-MAP_RESOLUTIONS = ("frame", "model")
+MAP_RESOLUTIONS = ("frame", "model", "lazy")
 _MIN_SIDE = 2
 
 
@@ -164,7 +164,12 @@ class Detector:
                 in-flight frames (3 = double-buffered streaming).
             map_resolution: ``"frame"`` (default): ``Result`` maps at the frame's (ROI's)
                 resolution; ``"model"``: at the model's input resolution only (no full-size maps:
-                for integrators who need the verdict and regions; region boxes stay in frame pixels).
+                for integrators who need the verdict and regions; region boxes stay in frame pixels);
+                ``"lazy"``: maps at the frame's resolution made on first access
+                (:class:`~edge_ad.runtime.result.LazyMapsResult`, same values as ``"frame"``) and
+                regions found at the model's resolution, scaled to frame pixels (boxes within
+                one model pixel of ``"frame"``'s: docs/MULTI_CAMERA.md); the cheapest per-frame
+                postprocessing when maps are rarely read.
             max_frame_pixels: largest frame (or ROI) accepted, H * W pixels (default
                 :data:`DEFAULT_MAX_FRAME_PIXELS` = 8192 x 8192); larger ones raise ValueError.
 
@@ -415,6 +420,13 @@ class Detector:
             image, pixel, display_t = self.image_threshold, self.pixel_threshold, self.display_threshold
         else:
             image, pixel, display_t = threshold_values(thresholds)
+        if self.map_resolution == "lazy":
+            mask_m = model_map > np.float32(pixel) if pixel is not None else None
+            regions_l = None if not self.regions else [] if mask_m is None else _regions(
+                mask_m, model_map, (roi[0], roi[1]) if roi is not None else (0, 0), tuple(size))
+            return LazyMapsResult(model_map=model_map, size=size, display_threshold=display_t, pixel_threshold=pixel,
+                                  score=score, is_anomalous=bool(score > image) if image is not None else None,
+                                  regions=regions_l, roi=roi)
         model_res = self.map_resolution == "model"
         raw = model_map.copy() if model_res else resize_map(model_map, size[0], size[1])
         display = np.clip(raw * np.float32(1.0 / (2.0 * display_t)), 0.0, 1.0).astype(np.float32)

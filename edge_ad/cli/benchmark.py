@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "synthetic; prints per-camera FPS and capture-to-decision p50/p99 (default 1)")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0,
                         help="static-batch bundles: how long an engine call waits for other cameras' frames (2 ms)")
+    parser.add_argument("--map-resolution", choices=("frame", "model", "lazy"), default="frame",
+                        help="Result maps: frame (default), model, or lazy (made on first access; regions at model "
+                             "resolution)")
     parser.add_argument("--frame-size", type=image_size, default=(480, 640),
                         help="HxW of the synthetic frames (default 480x640)")
 
@@ -36,6 +39,6 @@ def run(args: argparse.Namespace) -> int:
     source = int(args.source) if args.source is not None and args.source.isdigit() else args.source
     report = benchmark(args.bundle, source, warmup=args.warmup, iterations=args.iterations, device=args.device,
                        json_path=args.json, frame_size=size, sources=args.sources,
-                       batch_wait_ms=args.batch_wait_ms)
+                       batch_wait_ms=args.batch_wait_ms, map_resolution=args.map_resolution)
     print(format_report(report))
     return 0
