@@ -284,3 +284,18 @@ def test_convert_batch_is_refused_where_not_supported(knn_run, tmp_path):
         convert(knn_run, "onnx-cpu", tmp_path / "x", precision="fp32", calib_count=8, progress=False, batch=4)
     with pytest.raises(ValueError, match="batch must be an int"):
         convert(knn_run, "intel-cpu", tmp_path / "y", precision="fp32", calib_count=8, progress=False, batch=0)
+
+
+def test_multi_camera_example_on_four_videos(det, videos):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "multi_camera.py"
+    proc = subprocess.run([sys.executable, str(example), str(det.bundle.source), *videos.values()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stderr.strip().splitlines()
+    rows = {line.split()[0]: line.split()[1:5] for line in table[1:]}
+    assert rows["cam0"] == ["6", "6", "0", "0"] and rows["cam3"] == ["3", "3", "0", "0"]
+    assert rows["total"][:2] == ["18", "18"]
