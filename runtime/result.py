@@ -49,13 +49,16 @@ class Result:
         timings: milliseconds: ``preprocess``, ``infer``, ``postprocess`` (for ``predict_batch``,
             ``preprocess`` and ``infer`` are for the whole batch call, ``postprocess`` for this frame).
             Stream results add ``capture`` (reading the frame from the source) and
-            ``capture_to_decision`` (capture timestamp -> result ready for the consumer).
+            ``capture_to_decision`` (capture timestamp -> result ready for the consumer); with a
+            static-batch bundle ``preprocess`` and ``infer`` are those of the whole engine call
+            the frame was part of.
         frame_index: position of the frame in its source, counting every frame read (also the
             dropped and skipped ones, so gaps show drops); None outside a stream.
         capture_time: ``time.monotonic()`` seconds when the frame was captured (streams); None
             for ``predict``. Compare it with ``time.monotonic()`` for latency.
         capture_wall_time: ``time.time()`` (Unix epoch seconds) of the same instant, for logs.
-        source: name of the stream's source (e.g. ``"camera:0"``, a file path); None for ``predict``.
+        source: name of the stream's source (e.g. ``"camera:0"``, a file path, or the camera name
+            of a multi-source stream: ``"cam_side"``); None for ``predict``.
         frame: the frame the result is for (the uint8 array the source delivered, not a copy) when
             the stream was asked to keep frames (``keep_frames=True``, e.g. for overlays), else None.
     """
