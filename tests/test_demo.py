@@ -48,4 +48,4 @@ def test_demo_writes_report_on_generated_data(tmp_path):
     bench = json.loads((tmp_path / "out" / "deploy" / "benchmark.json").read_text())
     assert bench["engine"] == "openvino" and bench["precision"] == "int8" and bench["end_to_end_fps"] > 0
     assert "end_to_end_fps" in md and "Deployment" in md
-    assert "dtype=uint8" not in md and bench["source"] == "list of 30 frames"  # 20 warm-up + 10 measured: named, not printed
+    assert "dtype=uint8" not in md and bench["source"] == "list of 50 frames"  # 20 warm-up + 30 measured: named, not printed
