@@ -143,3 +143,14 @@ def test_malformed_profiles_are_refused_naming_the_fix(bundle):
     update_manifest(bundle, {"info": {"cameras": {"cam_x": {"roi": None, "colour": "bgr"}}}})
     with pytest.raises(BundleError, match="info.cameras.cam_x: unknown key"):
         Detector.load(bundle)
+
+
+def test_cli_calibrate_camera_stores_only_that_profile(bundle, real_root, capsys):
+    from edge_ad.cli.main import main
+
+    default = load_bundle(bundle).thresholds
+    rc = main(["calibrate", str(bundle), "--camera", "cam_b", "--source",
+               str(real_root / CATEGORY / "train" / "good"), "--max-frames", "25", "--target-fpr", "0.05"])
+    assert rc == 0 and "calibrated camera cam_b on 25 good frames" in capsys.readouterr().out
+    manifest = load_bundle(bundle, verify=True).manifest
+    assert set(camera_profiles(manifest)) == {"cam_b"} and manifest.thresholds == default
