@@ -25,6 +25,11 @@ from typing import Any
 
 import numpy as np
 
+#: Largest per-frame map / score difference (model units) between a re-batched (``batch=N``) model
+#: and its batch-1 original that a conversion accepts. The numbers are the same weights through the
+#: same kernels; what is left is the order of float additions in batched kernels.
+MAX_REBATCH_ERROR = 1e-3
+
 
 def _held_out_good(data: Path, category: str, training_images: list[str], limit: int) -> list[np.ndarray]:
     """Good train images the run did not train on (for threshold fitting), at most ``limit``."""
@@ -53,6 +58,7 @@ def convert(
     seed: int = 0,
     progress: bool = True,
     sign_key: str | Path | None = None,
+    batch: int = 1,
 ) -> Path:
     """Convert a trained run into a bundle for ``target``.
 
@@ -79,6 +85,12 @@ def convert(
         tar: write one ``.tar`` file instead of a directory.
         sign_key: PEM file of an Ed25519 private key: sign the bundle (``manifest.sig``) so devices
             can refuse bundles from elsewhere (``Detector.load(..., verify_key=PUBLIC_PEM)``).
+        batch: static batch N of the bundle's model (OpenVINO targets), for cross-camera batching
+            (docs/MULTI_CAMERA.md). Conversion, calibration and fidelity run at batch 1 exactly as
+            for ``batch=1``; the final IR is then re-batched (same weights and quantisation) and
+            checked frame by frame against the batch-1 IR on the calibration images (the largest
+            map / score difference is recorded in ``info.batch``; above
+            :data:`MAX_REBATCH_ERROR` the conversion fails).
 
     Returns:
         The bundle path.
@@ -94,6 +106,11 @@ def convert(
     from .fidelity import fidelity_report, onnxruntime_runner, torch_runner
 
     tgt = get_target(target)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1 (frames per engine call), got {batch!r}")
+    if batch > 1 and tgt.engine != "openvino":
+        raise ValueError(f"--batch {batch}: static batches are made for OpenVINO targets so far; {tgt.name} runs on "
+                         f"{tgt.engine} (convert with --batch 1; several cameras still share a batch-1 engine)")
     precision = precision or tgt.default_precision
     tgt.check_precision(precision)
     run_dir = Path(run_dir)
@@ -202,6 +219,23 @@ def convert(
                              precision=precision, description=description, thresholds=thresholds,
                              extra={"proxy": proxy_note} if proxy_note else None)
     print(report.table())
+    batch_record = None
+    if batch > 1:
+        from .openvino import openvino_runner, rebatch_openvino
+
+        xml_n, bin_n = rebatch_openvino(artifacts["openvino/model.xml"], work / f"openvino_b{batch}", batch)
+        hint = "f32" if tgt.device.upper() != "CPU" else ov.inference_precision_hint
+        maps_1, scores_1 = runner(calset.images)
+        maps_n, scores_n = openvino_runner(xml_n, precision_hint=hint)(calset.images)
+        err = {"max_map_diff": float(np.abs(maps_n - maps_1).max()),
+               "max_score_diff": float(np.abs(scores_n - scores_1).max())}
+        if not all(np.isfinite(v) and v <= MAX_REBATCH_ERROR for v in err.values()):
+            raise ValueError(f"the batch-{batch} model differs from the batch-1 model frame by frame ({err}, limit "
+                             f"{MAX_REBATCH_ERROR}): its graph depends on the batch; convert with --batch 1")
+        artifacts["openvino/model.xml"], artifacts["openvino/model.bin"] = xml_n, bin_n
+        batch_record = {"size": batch, "frames_compared": int(len(calset.images)), **err}
+        print(f"[convert] batch {batch}: per-frame max |map diff| {err['max_map_diff']:.3g}, |score diff| "
+              f"{err['max_score_diff']:.3g} vs batch 1 on {len(calset.images)} calibration images")
 
     # Weights stored as ONNX external data (models above 2 GiB) are artifacts too: bundles refuse unlisted files.
     from edge_ad.runtime.bundle.onnx_wire import read_onnx_external_data
@@ -214,8 +248,8 @@ def convert(
     manifest = Manifest(
         method=detector.method,
         backbone=BackboneInfo(name=detector.backbone.info.name, layers=tuple(detector.backbone.info.layers)),
-        input=InputSpec.from_preprocess_spec(spec, batch=1),
-        outputs=(OutputSpec("anomaly_map", (1, 1, spec.height, spec.width)), OutputSpec("score", (1,))),
+        input=InputSpec.from_preprocess_spec(spec, batch=batch),
+        outputs=(OutputSpec("anomaly_map", (batch, 1, spec.height, spec.width)), OutputSpec("score", (batch,))),
         precision=precision,
         target=tgt.name,
         engine=EngineSpec(tgt.engine, hints),
@@ -223,7 +257,8 @@ def convert(
         thresholds=Thresholds.from_summary(thresholds.to_dict()) if thresholds is not None else None,
         calibration=Calibration.from_summary(calset.to_manifest()),
         fidelity=_fidelity_summary(fid),
-        info={"run_dir": str(run_dir), "quantization": json.loads(json.dumps(quant_record, default=str)) if quant_record else None},
+        info={"run_dir": str(run_dir), "quantization": json.loads(json.dumps(quant_record, default=str)) if quant_record else None,
+              **({"batch": batch_record} if batch_record else {})},
     )
     path = write_bundle(out, manifest, artifacts, fidelity=fid, tar=tar, sign_key=sign_key)
     print(f"[convert] bundle written to {path}")

@@ -234,6 +234,32 @@ def compile_openvino(xml_path: str | Path, *, device: str = "CPU", precision_hin
     return core.compile_model(core.read_model(str(xml_path)), device, config)
 
 
+def rebatch_openvino(xml_path: str | Path, out_dir: str | Path, batch: int) -> tuple[Path, Path]:
+    """Copy an IR with its input's static batch set to ``batch`` -> ``out_dir/model.{xml,bin}``.
+
+    The weights and (INT8) quantisation parameters are the same numbers: only the batch dimension
+    of the input, and what follows from it, changes (the caller checks per-frame equality with the
+    batch-1 IR: a graph that bakes its batch into a reshape would not be equal).
+    """
+    import openvino as ov
+
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    model = ov.Core().read_model(str(xml_path))
+    shape = model.inputs[0].get_partial_shape()
+    shape[0] = batch
+    try:
+        model.reshape({model.inputs[0]: shape})
+    except Exception as exc:  # noqa: BLE001 - re-raised with the fix
+        raise ValueError(f"cannot give {xml_path} a static batch of {batch}: {exc}; this model bakes its batch into "
+                         "its graph, convert with --batch 1") from exc
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xml = out_dir / "model.xml"
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    return xml, xml.with_suffix(".bin")
+
+
 def openvino_runner(xml_path: str | Path, *, device: str = "CPU", precision_hint: str = "f32",
                     num_threads: int = 0) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """``images (B,3,H,W) float32 -> (anomaly_map (B,1,H,W), score (B,))`` on an OpenVINO IR.

@@ -5,7 +5,14 @@ What one run measures (same bundle, same process, same engine):
 * ``engine_fps``: the bare engine, ``start`` + ``wait`` on slot 0 with a preprocessed input, in a
   loop (``iterations`` calls after ``warmup``), times the static batch;
 * the stream: ``Detector.stream`` over the source (default: synthetic frames generated in memory,
-  or ``source`` = a video / folder / camera), lossless for finite sources. ``end_to_end_fps`` is
+  or ``source`` = a video / folder / camera), lossless for finite sources. A finite source (video,
+  folder) shorter than ``warmup + iterations`` frames is cycled (re-opened at its end) until it
+  has delivered enough; fewer than :data:`MIN_FPS_FRAMES` measured results give no FPS figure
+  (None, and the text report says why) rather than a number from a handful of frames. With
+  ``sources=N`` the stream has N cameras (``cam0`` ...), each its own copy of the source (synthetic:
+  a different seed), and the report adds per-camera FPS and capture-to-decision p50 / p99, and the
+  batch fill ratio of the engine calls (a static-batch bundle gathers frames across cameras).
+  ``end_to_end_fps`` is
   results delivered per second after the first ``warmup`` results; per-stage p50 / p95 / p99 in
   milliseconds for ``capture``, ``preprocess``, ``infer``, ``postprocess`` and
   ``capture_to_decision`` (capture timestamp -> result ready); dropped / skipped frames;
@@ -30,7 +37,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["STAGES", "benchmark", "device_facts", "format_report", "synthetic_frames"]
+from .sources import FrameSource, IterableSource, open_source
+
+__all__ = ["MIN_FPS_FRAMES", "STAGES", "benchmark", "device_facts", "format_report", "synthetic_frames"]
+
+#: Fewest measured stream results an FPS figure is computed from (fewer: the FPS is None).
+MIN_FPS_FRAMES = 30
 
 #: Per-frame timings (``Result.timings`` keys) summarised by the benchmark.
 STAGES = ("capture", "preprocess", "infer", "postprocess", "capture_to_decision")
@@ -69,6 +81,69 @@ def describe_source(source: Any) -> str:
         return f"{type(source).__name__} of {len(source)} frames"
     except TypeError:
         return f"{type(source).__name__} of frames"
+
+
+class CycledSource(FrameSource):
+    """A finite source read again from its start at its end, until ``count`` items were read.
+
+    A benchmark needs more frames than a short clip or a 25-image folder holds; cycling keeps the
+    frames real. A source that yields nothing in a whole pass ends the cycle (no endless loop).
+    """
+
+    def __init__(self, spec: Any, count: int, name: str | None = None) -> None:
+        super().__init__()
+        self._spec, self._count, self._read = spec, count, 0
+        self._inner: FrameSource = open_source(spec)
+        self.name = name or self._inner.name
+        self.fps = self._inner.fps
+        self._pass_items = 0
+
+    def open(self) -> None:
+        self._inner.open()
+        self.fps = self._inner.fps
+
+    def read(self) -> Any:
+        if self._read >= self._count:
+            return None
+        item = self._inner.read()
+        if item is None:
+            if self._pass_items == 0:  # an empty pass: nothing to cycle
+                self.end_message = self._inner.end_message
+                return None
+            self._inner.close()
+            self._inner = open_source(self._spec)
+            self._inner.open()
+            self._pass_items = 0
+            item = self._inner.read()
+            if item is None:
+                return None
+        self._read += 1
+        self._pass_items += 1
+        return item
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _bench_sources(source: Any, sources: int, per_source: int, frame_size: tuple[int, int]) -> tuple[Any, str]:
+    """The stream's source argument for ``sources`` cameras of ``per_source`` frames each, and its name."""
+    live = source is not None and open_source(source).live
+    if source is None:
+        name = f"synthetic {frame_size[0]}x{frame_size[1]} BGR"
+        made = [IterableSource(synthetic_frames(per_source, *frame_size, seed=k), name=f"cam{k}")
+                for k in range(sources)]
+    elif live:  # a camera / URL is not cycled (max_frames bounds it)
+        name = describe_source(source)
+        if sources > 1:
+            raise ValueError("--sources N > 1 needs a file / folder source (or none: synthetic frames); a live "
+                             "source cannot be opened N times")
+        return source, name
+    else:
+        name = describe_source(source)
+        made = [CycledSource(source, per_source, name=f"cam{k}" if sources > 1 else None) for k in range(sources)]
+    if sources == 1:
+        return made[0], name
+    return {m.name: m for m in made}, f"{sources} x {name}"
 
 
 def _read(path: Path) -> str | None:
@@ -159,7 +234,8 @@ def _engine_fps(det: Any, warmup: int, iterations: int) -> float:
 
 def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: int = 200, device: str = "auto",
               json_path: str | os.PathLike | None = None, frame_size: tuple[int, int] = (480, 640),
-              lossless: bool | None = None, progress: bool = True) -> dict[str, Any]:
+              lossless: bool | None = None, progress: bool = True, sources: int = 1,
+              batch_wait_ms: float = 2.0, map_resolution: str = "frame") -> dict[str, Any]:
     """Benchmark a bundle: bare engine and end-to-end streaming on this device.
 
     Args:
@@ -173,12 +249,19 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
         frame_size: (height, width) of the synthetic frames.
         lossless: stream mode (None = the source's default: lossless for files and synthetic frames).
         progress: print a one-line note per phase to stderr.
+        sources: number of cameras streamed at once through the one detector (each a copy of
+            ``source``, cycled; synthetic frames with a different seed each).
+        batch_wait_ms: as :meth:`~edge_ad.runtime.Detector.stream` (static-batch bundles).
+        map_resolution: as :meth:`~edge_ad.runtime.Detector.load` when ``bundle`` is not a
+            loaded detector (``"lazy"``: no full-resolution map per frame).
 
     Returns:
         The report: ``{"bundle", "source", "frames", "mode", "engine_fps", "end_to_end_fps",
         "stream_vs_engine", "stages": {stage: {p50, p95, p99}} (ms), "capture_to_decision_p99_ms",
         "captured", "delivered", "dropped", "skipped", "peak_rss_mb", "engine", "engine_version",
-        "device", "precision", "target", "device_facts"}``.
+        "device", "precision", "target", "device_facts", "sources": {camera: {"delivered", "fps",
+        "capture_to_decision": {p50, p95, p99}}}, "batch", "batch_fill"}``. FPS values are None when
+        fewer than :data:`MIN_FPS_FRAMES` results were measured.
     """
     from .detector import Detector
 
@@ -188,20 +271,25 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
     if (not isinstance(frame_size, (tuple, list)) or len(frame_size) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in frame_size)):
         raise ValueError(f"frame_size must be (height, width) in pixels, each >= 2, got {frame_size!r}")
-    det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device)
+    if isinstance(sources, bool) or not isinstance(sources, int) or sources < 1:
+        raise ValueError(f"sources must be an int >= 1 (cameras), got {sources!r}")
+    det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device, map_resolution=map_resolution)
     if progress:
         print(f"[benchmark] bare engine: {warmup} warm-up + {iterations} calls", file=sys.stderr)
     engine_fps = _engine_fps(det, warmup, iterations)
 
     total = warmup + iterations
-    src = synthetic_frames(total, *frame_size) if source is None else source
-    name = f"synthetic {frame_size[0]}x{frame_size[1]} BGR" if source is None else describe_source(source)
+    per_source = -(-total // sources)  # ceil: every camera streams its share
+    src, name = _bench_sources(source, sources, per_source, frame_size)
     if progress:
-        print(f"[benchmark] stream: {name}, up to {total} frames", file=sys.stderr)
+        print(f"[benchmark] stream: {name}, up to {per_source * sources} frames", file=sys.stderr)
     times = {s: [] for s in STAGES}
+    per_cam: dict[str, list[tuple[float, float]]] = {}  # camera -> [(arrival time, capture_to_decision ms)]
     t_first = t_last = None
     measured = 0
-    with det.stream(src, lossless=lossless, max_frames=total if source is not None else None) as stream:
+    live = isinstance(src, FrameSource) and src.live or not isinstance(src, (FrameSource, dict))
+    with det.stream(src, lossless=lossless, max_frames=total if live and source is not None else None,
+                    batch_wait_ms=batch_wait_ms) as stream:
         for k, res in enumerate(stream):
             if k < warmup:
                 continue
@@ -212,16 +300,23 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
             measured += 1
             for s in STAGES:
                 times[s].append(res.timings[s])
+            per_cam.setdefault(res.source, []).append((now, res.timings["capture_to_decision"]))
     stats = stream.stats
     if stats.delivered == 0:  # a table of NaN would hide it
         raise RuntimeError(f"benchmark measured nothing: {stats.no_result_reason()}")
     # Rate over the measured results: (results - 1) intervals between the first and last one.
-    e2e = (measured - 1) / (t_last - t_first) if measured > 1 and t_last > t_first else float("nan")
+    span = (t_last - t_first) if measured > 1 else 0.0
+    e2e = (measured - 1) / span if measured >= MIN_FPS_FRAMES and span > 0 else None
+    cams = {cam: {"delivered": len(v),
+                  "fps": len(v) / span if e2e is not None else None,
+                  "capture_to_decision": _percentiles([ms for _, ms in v])} for cam, v in sorted(per_cam.items())}
     m = det.bundle.manifest
     stages = {s: _percentiles(v) for s, v in times.items()}
     report = {
         "bundle": str(det.bundle.source), "source": name, "frames": measured, "mode": stats.mode,
-        "engine_fps": engine_fps, "end_to_end_fps": e2e, "stream_vs_engine": e2e / engine_fps,
+        "engine_fps": engine_fps, "end_to_end_fps": e2e,
+        "stream_vs_engine": e2e / engine_fps if e2e is not None else None,
+        "sources": cams, "batch": stats.batch, "batch_fill": stats.batch_fill,
         "stages": stages, "capture_to_decision_p99_ms": stages["capture_to_decision"]["p99"],
         "captured": stats.captured, "delivered": stats.delivered, "dropped": stats.dropped,
         "skipped": stats.skipped, "peak_rss_mb": _peak_rss_mb(), "engine": det.engine.name,
@@ -259,11 +354,22 @@ def format_report(report: dict[str, Any]) -> str:
     skipped = sum(report["skipped"].values())
     lines += [
         "",
-        f"engine_fps        {report['engine_fps']:.1f}   (bare engine)",
-        f"end_to_end_fps    {report['end_to_end_fps']:.1f}   ({100 * report['stream_vs_engine']:.0f} % of engine)",
+        f"engine_fps        {report['engine_fps']:.1f}   (bare engine, batch {report.get('batch', 1)})",
+        (f"end_to_end_fps    {report['end_to_end_fps']:.1f}   ({100 * report['stream_vs_engine']:.0f} % of engine)"
+         if report["end_to_end_fps"] is not None else
+         f"end_to_end_fps    n/a   (only {report['frames']} measured frames; at least {MIN_FPS_FRAMES} needed: "
+         "raise --iterations)"),
+        f"batch fill        {report.get('batch_fill', 1.0):.2f}   (frames per engine call / batch "
+        f"{report.get('batch', 1)})",
         f"capture->decision p99 {report['capture_to_decision_p99_ms']:.2f} ms",
         f"frames            captured {report['captured']}, delivered {report['delivered']}, dropped {dropped}, "
         f"skipped {skipped}",
         f"peak RSS          {report['peak_rss_mb']:.0f} MiB",
     ]
+    if len(report.get("sources", {})) > 1:
+        lines += ["", f"{'camera':<12}{'delivered':>10}{'fps':>9}{'c2d p50 ms':>12}{'c2d p99 ms':>12}"]
+        for cam, c in report["sources"].items():
+            fps = f"{c['fps']:.1f}" if c["fps"] is not None else "n/a"
+            lines.append(f"{cam:<12}{c['delivered']:>10}{fps:>9}{c['capture_to_decision']['p50']:>12.2f}"
+                         f"{c['capture_to_decision']['p99']:>12.2f}")
     return "\n".join(lines)

@@ -91,6 +91,7 @@ class CalibrationReport:
             the new pixel threshold.
         scores: (num_frames,) float32 image scores of the frames, in input order.
         saved: whether the manifest was updated.
+        camera: the camera profile the thresholds were fitted for (None: the bundle's defaults).
     """
 
     thresholds: Thresholds
@@ -100,6 +101,7 @@ class CalibrationReport:
     pixel_fpr: float
     scores: np.ndarray
     saved: bool
+    camera: str | None = None
 
 
 class PixelSample:
@@ -263,11 +265,12 @@ def calibrate_bundle(
     pixel_fpr: float | None = None,
     device: str = "auto",
     roi: tuple[int, int, int, int] | None = None,
-    color_order: str = "bgr",
+    color_order: str | None = None,
     max_frames: int | None = None,
     save: bool = True,
     detector: "Detector | None" = None,
     progress: bool = True,
+    camera: str | None = None,
 ) -> CalibrationReport:
     """Refit a bundle's image and pixel thresholds on good frames of this site and save them.
 
@@ -280,13 +283,18 @@ def calibrate_bundle(
         pixel_fpr: pixel false-positive rate for the pixel threshold; default: the bundle's
             current ``pixel_fpr``, else 0.01.
         device: engine device when ``detector`` is not given (``"auto"`` = the bundle target's).
-        roi: ``(x, y, w, h)`` crop applied to every frame, as in production.
-        color_order: ``"bgr"`` (OpenCV cameras), ``"rgb"`` or ``"gray"``.
+        roi: ``(x, y, w, h)`` crop applied to every frame, as in production (with ``camera``:
+            default the camera profile's, and it is stored in the profile).
+        color_order: ``"bgr"`` (OpenCV cameras), ``"rgb"`` or ``"gray"``; None = the camera
+            profile's, else ``"bgr"``.
         max_frames: use at most this many frames (>= :data:`MIN_FRAMES`; None = all; required for a
             live source: camera, RTSP, GStreamer).
         save: write the thresholds into ``manifest.yaml`` (re-sealed).
         detector: run the frames on this already loaded detector of the same bundle.
         progress: show a tqdm bar when tqdm is installed.
+        camera: fit the thresholds of this camera's profile only (manifest ``info.cameras``,
+            :mod:`edge_ad.runtime.camera_profile`): the bundle's default thresholds and the
+            other cameras' profiles stay as they are. None = the bundle's default thresholds.
 
     Returns:
         :class:`CalibrationReport`.
@@ -312,7 +320,18 @@ def calibrate_bundle(
         from .detector import Detector
 
         detector = Detector.load(path, device)
-    previous = detector.bundle.thresholds
+    profile = None
+    if camera is not None:
+        if not isinstance(camera, str) or not camera.strip():
+            raise ValueError(f"camera must be a non-empty camera name (e.g. 'cam_side'), got {camera!r}")
+        profile = detector.cameras.get(camera)
+        if roi is None and profile is not None:
+            roi = profile.roi
+        if color_order is None and profile is not None:
+            color_order = profile.color_order
+    color_order = color_order or "bgr"
+    previous = profile.thresholds if profile is not None and profile.thresholds is not None \
+        else detector.bundle.thresholds
     if pixel_fpr is None:
         pixel_fpr = previous.pixel_fpr if previous is not None and previous.pixel_fpr else 0.01
 
@@ -347,6 +366,7 @@ def calibrate_bundle(
         "roi": None if roi is None else ",".join(str(int(v)) for v in roi),
         "color_order": color_order,
         "engine": f"{detector.engine.name}:{detector.engine.device}",
+        "camera": camera,
         "previous": {"image_threshold": previous.image_threshold if previous else None,
                      "pixel_threshold": previous.pixel_threshold if previous else None,
                      "source": previous.source if previous else None},
@@ -354,9 +374,18 @@ def calibrate_bundle(
     thresholds = Thresholds(image_threshold=image_threshold, pixel_threshold=pixel_threshold,
                             target_fpr=float(target_fpr), pixel_fpr=float(pixel_fpr),
                             source=f"on-site: {n} good frames of {source_name}", details=details)
-    if save:
-        update_manifest(path, {"thresholds": thresholds})
-        detector.bundle = load_bundle(path, verify=False)  # the manifest the detector reports is the saved one
-    apply_thresholds(detector, thresholds)
+    if camera is not None:
+        from .camera_profile import CameraProfile, save_camera_profile
+
+        new_profile = CameraProfile(camera, roi=roi, color_order=color_order, thresholds=thresholds)
+        if save:
+            save_camera_profile(path, new_profile)
+            detector.bundle = load_bundle(path, verify=False)
+        detector.set_camera_profile(new_profile)  # this camera's next stream uses it; the others are untouched
+    else:
+        if save:
+            update_manifest(path, {"thresholds": thresholds})
+            detector.bundle = load_bundle(path, verify=False)  # the manifest the detector reports is the saved one
+        apply_thresholds(detector, thresholds)
     return CalibrationReport(thresholds=thresholds, previous=previous, num_frames=n, image_fpr=image_fit,
-                             pixel_fpr=pixel_fit, scores=scores, saved=bool(save))
+                             pixel_fpr=pixel_fit, scores=scores, saved=bool(save), camera=camera)

@@ -49,7 +49,7 @@ from ._cv import cv2_available, require_cv2
 from .bundle import Bundle, load_bundle
 from .engines import DEFAULT_SLOTS, Engine, create_engine
 from .preprocessing import COLOR_ORDERS, _apply_roi, _axis_taps, _check_frame, _is_int, preprocess_batch
-from .result import Region, Result
+from .result import LazyMapsResult, Region, Result
 
 if TYPE_CHECKING:  # pragma: no cover
     from .stream import ReconnectPolicy, Stream
@@ -62,7 +62,7 @@ DEFAULT_DISPLAY_THRESHOLD = 3.0
 #: line-scan / 8K camera frame. A 20000 x 20000 frame would otherwise cost seconds and GBs of maps.
 DEFAULT_MAX_FRAME_PIXELS = 8192 * 8192
 #: ``Detector.load(map_resolution=...)``: maps at the frame's (ROI's) resolution, or the model's.
-MAP_RESOLUTIONS = ("frame", "model")
+MAP_RESOLUTIONS = ("frame", "model", "lazy")
 _MIN_SIDE = 2
 
 
@@ -110,6 +110,17 @@ def _regions(mask: np.ndarray, raw: np.ndarray, offset: tuple[int, int],
     return out
 
 
+def threshold_values(thresholds: Any) -> tuple[float | None, float | None, float]:
+    """A bundle ``Thresholds`` (or None) -> ``(image, pixel, display)`` thresholds in model units.
+
+    ``display`` is the pixel threshold of the display mapping (:data:`DEFAULT_DISPLAY_THRESHOLD`
+    when there is none or it is not positive).
+    """
+    image = thresholds.image_threshold if thresholds is not None else None
+    pixel = thresholds.pixel_threshold if thresholds is not None else None
+    return image, pixel, (pixel if pixel is not None and pixel > 0 else DEFAULT_DISPLAY_THRESHOLD)
+
+
 class Detector:
     """Runs a bundle on the engine it was made for. Build with :meth:`load`."""
 
@@ -129,6 +140,11 @@ class Detector:
         self._stream_lease = threading.Lock()  # slots 1..N: one stream at a time
         self._warned = False
         self.set_thresholds(bundle.thresholds)
+        from .camera_profile import camera_profiles
+
+        self.cameras = camera_profiles(bundle.manifest)  # BundleError for a malformed info.cameras
+        self._unknown_cameras: set[str] = set()
+        self._cameras_lock = threading.Lock()
         if self.regions and not cv2_available():
             require_cv2("label defect regions in Detector results (or load with regions=False)")
 
@@ -149,7 +165,12 @@ class Detector:
                 in-flight frames (3 = double-buffered streaming).
             map_resolution: ``"frame"`` (default): ``Result`` maps at the frame's (ROI's)
                 resolution; ``"model"``: at the model's input resolution only (no full-size maps:
-                for integrators who need the verdict and regions; region boxes stay in frame pixels).
+                for integrators who need the verdict and regions; region boxes stay in frame pixels);
+                ``"lazy"``: maps at the frame's resolution made on first access
+                (:class:`~edge_ad.runtime.result.LazyMapsResult`, same values as ``"frame"``) and
+                regions found at the model's resolution, scaled to frame pixels (boxes within
+                one model pixel of ``"frame"``'s: docs/MULTI_CAMERA.md); the cheapest per-frame
+                postprocessing when maps are rarely read.
             max_frame_pixels: largest frame (or ROI) accepted, H * W pixels (default
                 :data:`DEFAULT_MAX_FRAME_PIXELS` = 8192 x 8192); larger ones raise ValueError.
             verify_key: PEM file of the Ed25519 public key the bundle must be signed with; unsigned
@@ -225,7 +246,8 @@ class Detector:
 
     def stream(self, source: Any, *, lossless: bool | None = None, queue_size: int = 2, color_order: str = "bgr",
                roi: tuple[int, int, int, int] | None = None, reconnect: bool | ReconnectPolicy = True,
-               keep_frames: bool = False, max_frames: int | None = None) -> Stream:
+               keep_frames: bool = False, max_frames: int | None = None,
+               batch_wait_ms: float = 2.0) -> Stream:
         """Run the detector on a live source in a threaded pipeline; iterate it for :class:`Result` s.
 
         ::
@@ -235,10 +257,19 @@ class Detector:
                     res.frame_index, res.capture_time, res.score, res.is_anomalous
             print(stream.stats)                      # captured / delivered / dropped / skipped ...
 
+            with det.stream({"cam_top": 0, "cam_side": "rtsp://..."}) as stream:   # several cameras
+                for res in stream:
+                    res.source, res.frame_index, res.is_anomalous    # judged by that camera's profile
+            stream.stats.sources["cam_top"]          # per camera; stream.stats = the totals
+
         Args:
             source: what :func:`~edge_ad.runtime.sources.open_source` takes: camera index or V4L2
                 device path, video file, RTSP URL, GStreamer pipeline ending in ``appsink``, image
-                folder, an iterable of uint8 frames, or a :class:`~edge_ad.runtime.sources.FrameSource`.
+                folder, an iterable of uint8 frames, or a :class:`~edge_ad.runtime.sources.FrameSource`;
+                or several of them: a ``{name: source}`` mapping (names are the cameras' profile
+                names and ``Result.source``) or a list of sources that are not frames (camera
+                indices, paths, URLs, FrameSources; named by their source names). See
+                docs/MULTI_CAMERA.md.
             lossless: True processes every frame (capture blocks on full queues); False is line-speed
                 mode (stale frames and unread results are dropped, counted in ``stats.dropped``);
                 None (default) = line-speed for live sources (cameras, RTSP, GStreamer), lossless
@@ -249,7 +280,11 @@ class Detector:
             reconnect: True (default back-off), False, or a
                 :class:`~edge_ad.runtime.stream.ReconnectPolicy`: what to do when a live source fails.
             keep_frames: attach each frame to its result (``Result.frame``), e.g. to draw overlays.
-            max_frames: stop after this many frames read from the source (None = until it ends).
+            max_frames: stop after this many frames read from the source (None = until it ends);
+                per source.
+            batch_wait_ms: with a static-batch bundle (``convert --batch N``), how long an engine
+                call waits for frames of other cameras after the first one (ms, bounded latency;
+                fewer frames are padded). Ignored for batch-1 bundles.
 
         Returns:
             A :class:`~edge_ad.runtime.stream.Stream` (iterable, context manager, ``stats``, ``close()``).
@@ -259,7 +294,8 @@ class Detector:
         from .stream import Stream
 
         return Stream(self, source, lossless=lossless, queue_size=queue_size, color_order=color_order, roi=roi,
-                      reconnect=reconnect, keep_frames=keep_frames, max_frames=max_frames)
+                      reconnect=reconnect, keep_frames=keep_frames, max_frames=max_frames,
+                      batch_wait_ms=batch_wait_ms)
 
     # ------------------------------------------------------------------------------------------
 
@@ -362,7 +398,8 @@ class Detector:
             self._stream_lease.release()
 
     def make_result(self, model_map: np.ndarray, score: float, size: tuple[int, int],
-                    roi: tuple[int, int, int, int] | None = None, *, where: str = "frame") -> Result:
+                    roi: tuple[int, int, int, int] | None = None, *, where: str = "frame",
+                    thresholds: Any = None) -> Result:
         """Engine outputs of one frame -> :class:`Result` (map resize, thresholds, mask, regions).
 
         Args:
@@ -372,6 +409,8 @@ class Detector:
                 ``map_resolution="frame"``.
             roi: the crop the frame was taken from (region boxes are offset by it).
             where: how error messages name the frame.
+            thresholds: a bundle ``Thresholds`` to judge this frame by (a camera's profile);
+                None = the detector's current thresholds.
 
         Raises:
             NonFiniteOutputError: the score or a map value is NaN / inf.
@@ -382,11 +421,22 @@ class Detector:
                 f"bundle {self.bundle.source}: the engine returned a non-finite result for {where} (score {score}, "
                 f"{bad} of {model_map.size} map values NaN/inf); there is no verdict for this frame. A faulty "
                 "engine / device / precision (try the FP32 bundle or another device) or a corrupt model")
+        if thresholds is None:
+            image, pixel, display_t = self.image_threshold, self.pixel_threshold, self.display_threshold
+        else:
+            image, pixel, display_t = threshold_values(thresholds)
+        if self.map_resolution == "lazy":
+            mask_m = model_map > np.float32(pixel) if pixel is not None else None
+            regions_l = None if not self.regions else [] if mask_m is None else _regions(
+                mask_m, model_map, (roi[0], roi[1]) if roi is not None else (0, 0), tuple(size))
+            return LazyMapsResult(model_map=model_map, size=size, display_threshold=display_t, pixel_threshold=pixel,
+                                  score=score, is_anomalous=bool(score > image) if image is not None else None,
+                                  regions=regions_l, roi=roi)
         model_res = self.map_resolution == "model"
         raw = model_map.copy() if model_res else resize_map(model_map, size[0], size[1])
-        display = np.clip(raw * np.float32(1.0 / (2.0 * self.display_threshold)), 0.0, 1.0).astype(np.float32)
-        is_anomalous = bool(score > self.image_threshold) if self.image_threshold is not None else None
-        mask = raw > np.float32(self.pixel_threshold) if self.pixel_threshold is not None else None
+        display = np.clip(raw * np.float32(1.0 / (2.0 * display_t)), 0.0, 1.0).astype(np.float32)
+        is_anomalous = bool(score > image) if image is not None else None
+        mask = raw > np.float32(pixel) if pixel is not None else None
         if not self.regions:
             regions = None
         elif mask is None:
@@ -403,12 +453,30 @@ class Detector:
         Each attribute assignment is atomic; a frame being postprocessed by another thread at that
         instant may see the old image threshold with the new pixel threshold.
         """
-        image = thresholds.image_threshold if thresholds is not None else None
-        pixel = thresholds.pixel_threshold if thresholds is not None else None
-        self.display_threshold = pixel if pixel is not None and pixel > 0 else DEFAULT_DISPLAY_THRESHOLD
-        self.pixel_threshold = pixel
-        self.image_threshold = image
+        self.image_threshold, self.pixel_threshold, self.display_threshold = threshold_values(thresholds)
         self._warned = False  # warn again if the new thresholds are still incomplete
+
+    def camera_profile(self, name: str) -> Any:
+        """The :class:`~edge_ad.runtime.camera_profile.CameraProfile` of camera ``name``, or None.
+
+        When the bundle has camera profiles but none named ``name``, the camera uses the bundle's
+        defaults and a UserWarning says so (once per name and detector). A bundle without any
+        profile never warns (a single-camera bundle).
+        """
+        profile = self.cameras.get(name)
+        if profile is None and self.cameras and name not in self._unknown_cameras:
+            self._unknown_cameras.add(name)
+            warnings.warn(f"bundle {self.bundle.source} has no camera profile {name!r} (it has "
+                          f"{', '.join(sorted(self.cameras))}); this camera uses the bundle's default thresholds. "
+                          f"Calibrate it with det.calibrate(frames, camera={name!r}) or name the source like a "
+                          "profiled camera", UserWarning, stacklevel=5)
+        return profile
+
+    def set_camera_profile(self, profile: Any) -> None:
+        """Use ``profile`` (a :class:`~edge_ad.runtime.camera_profile.CameraProfile`) for its camera from
+        the next stream on (a running stream keeps the profiles it started with)."""
+        with self._cameras_lock:  # two calibrations finishing at once both land
+            self.cameras = {**self.cameras, profile.name: profile}
 
     def warn_if_uncalibrated(self) -> None:
         """Warn once (UserWarning) when the bundle lacks an image or pixel threshold."""
@@ -466,7 +534,9 @@ class Detector:
 
         ``good_frames``: a source (image folder, video file, camera...), an array or an iterable of
         uint8 frames of good parts. Other keyword arguments (``pixel_fpr``, ``roi``, ``color_order``,
-        ``max_frames``, ``save``, ``progress``) as :func:`edge_ad.runtime.calibrate.calibrate_bundle`.
+        ``max_frames``, ``save``, ``progress``, ``camera``) as :func:`edge_ad.runtime.calibrate.calibrate_bundle`;
+        ``camera="cam_side"`` fits that camera's profile only (``det.stream({"cam_side": ...})`` judges
+        its frames by it; the bundle's default thresholds stay).
         Returns its :class:`~edge_ad.runtime.calibrate.CalibrationReport`.
         """
         from .calibrate import calibrate_bundle

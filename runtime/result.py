@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Region", "Result"]
+__all__ = ["LazyMapsResult", "Region", "Result"]
 
 
 class Region(NamedTuple):
@@ -49,13 +49,16 @@ class Result:
         timings: milliseconds: ``preprocess``, ``infer``, ``postprocess`` (for ``predict_batch``,
             ``preprocess`` and ``infer`` are for the whole batch call, ``postprocess`` for this frame).
             Stream results add ``capture`` (reading the frame from the source) and
-            ``capture_to_decision`` (capture timestamp -> result ready for the consumer).
+            ``capture_to_decision`` (capture timestamp -> result ready for the consumer); with a
+            static-batch bundle ``preprocess`` and ``infer`` are those of the whole engine call
+            the frame was part of.
         frame_index: position of the frame in its source, counting every frame read (also the
             dropped and skipped ones, so gaps show drops); None outside a stream.
         capture_time: ``time.monotonic()`` seconds when the frame was captured (streams); None
             for ``predict``. Compare it with ``time.monotonic()`` for latency.
         capture_wall_time: ``time.time()`` (Unix epoch seconds) of the same instant, for logs.
-        source: name of the stream's source (e.g. ``"camera:0"``, a file path); None for ``predict``.
+        source: name of the stream's source (e.g. ``"camera:0"``, a file path, or the camera name
+            of a multi-source stream: ``"cam_side"``); None for ``predict``.
         frame: the frame the result is for (the uint8 array the source delivered, not a copy) when
             the stream was asked to keep frames (``keep_frames=True``, e.g. for overlays), else None.
     """
@@ -74,3 +77,46 @@ class Result:
     capture_wall_time: float | None = None
     source: str | None = None
     frame: np.ndarray | None = field(default=None, repr=False)
+
+
+class LazyMapsResult(Result):
+    """A :class:`Result` whose frame-resolution maps are made on first access (``map_resolution="lazy"``).
+
+    ``raw_map`` (bilinear resize of ``model_map`` to the frame's / ROI's (H, W)), ``anomaly_map``
+    and ``defect_mask`` hold exactly the values a ``map_resolution="frame"`` detector gives, but
+    cost nothing until read: a consumer that only needs the verdict and the regions never pays
+    for a full-resolution map. Each is computed once and cached (reading it from two threads at
+    once may compute it twice, with the same values). ``regions`` were found at the model's
+    resolution and scaled to frame pixels (see :class:`~edge_ad.runtime.Detector`).
+    """
+
+    def __init__(self, *, model_map: np.ndarray, size: tuple[int, int], display_threshold: float,
+                 pixel_threshold: float | None, score: float, is_anomalous: bool | None,
+                 regions: list[Region] | None, roi: tuple[int, int, int, int] | None) -> None:
+        self.model_map, self.score, self.is_anomalous, self.regions, self.roi = (
+            model_map, score, is_anomalous, regions, roi)
+        self.timings = {}
+        self.frame_index = self.capture_time = self.capture_wall_time = self.source = self.frame = None
+        self._size, self._display_t, self._pixel = (int(size[0]), int(size[1])), display_threshold, pixel_threshold
+        self._cache: dict[str, np.ndarray | None] = {}
+
+    @property  # type: ignore[override]
+    def raw_map(self) -> np.ndarray:
+        if "raw" not in self._cache:
+            from .detector import resize_map  # the detector's resize: identical values to "frame" mode
+
+            self._cache["raw"] = resize_map(self.model_map, *self._size)
+        return self._cache["raw"]
+
+    @property  # type: ignore[override]
+    def anomaly_map(self) -> np.ndarray:
+        if "display" not in self._cache:
+            scale = np.float32(1.0 / (2.0 * self._display_t))
+            self._cache["display"] = np.clip(self.raw_map * scale, 0.0, 1.0).astype(np.float32)
+        return self._cache["display"]
+
+    @property  # type: ignore[override]
+    def defect_mask(self) -> np.ndarray | None:
+        if "mask" not in self._cache:
+            self._cache["mask"] = self.raw_map > np.float32(self._pixel) if self._pixel is not None else None
+        return self._cache["mask"]

@@ -7,37 +7,53 @@
             res.frame_index, res.capture_time, res.score, res.is_anomalous
     stream.stats                                   # captured / delivered / dropped / skipped, queue depths
 
+Several cameras through one detector (docs/MULTI_CAMERA.md)::
+
+    with det.stream({"cam_top": 0, "cam_side": "rtsp://cam/2"}) as stream:
+        for res in stream:                         # res.source names the camera
+            ...
+    stream.stats.sources["cam_side"]               # per camera; stream.stats holds the totals
+
 Threads and queues (all bounded, so a slow consumer cannot make memory grow)::
 
-    capture --[frames: queue_size]--> submit --[engine slots]--> collect --[results: queue_size]--> consumer
-    (read + validate)                (preprocess into a slot     (wait, postprocess)           (the generator)
-                                      buffer, engine.start)
+    capture[cam] --[frames: queue_size per camera]--> submit --[engine slots]--> collect --[results]--> consumer
+    (one thread per source:   (FairQueue: round-robin,   (preprocess up to      (wait, postprocess  (the generator)
+     read + validate)          one lane per camera)       `batch` frames into    each frame with its
+                                                          a slot, engine.start)  camera's profile)
+
+The result queue holds ``queue_size`` results per camera.
 
 * ``capture`` reads the source, stamps each frame (``frame_index``, ``time.monotonic()``,
   ``time.time()``) and validates it; bad frames become reported skips.
-* ``submit`` takes a free engine slot, *then* the next frame (so in line-speed mode it takes the
-  freshest one), preprocesses straight into the slot's buffer and starts the engine
-  asynchronously; with two slots, frame k+1 is preprocessed while frame k infers.
+* ``submit`` takes a free engine slot, *then* the next frame(s) (so in line-speed mode it takes the
+  freshest ones), round-robin over the cameras that have one (fair scheduling: a busy camera
+  cannot take another's turn); with a static-batch bundle (``convert --batch N``) it gathers up
+  to N frames of different cameras, waiting at most ``batch_wait_ms`` after the first, and the
+  engine pads the rest. It preprocesses straight into the slot's buffer and starts the engine
+  asynchronously; with two slots, call k+1 is preprocessed while call k infers.
 * ``collect`` waits for slots in start order, frees the slot, postprocesses (map resize,
   thresholds, regions) and hands the :class:`~edge_ad.runtime.result.Result` to the consumer.
 
 Modes:
 
-* line-speed (``lossless=False``, default for live sources): a full frame queue drops its oldest
-  frame (``dropped["stale_frame"]``) and a full result queue its oldest result
-  (``dropped["slow_consumer"]``), so latency stays bounded when inference or the consumer is
-  slower than the camera;
+* line-speed (``lossless=False``, default when any source is live): a camera's full frame lane
+  drops *its own* oldest frame (``dropped["stale_frame"]``) and a full result queue the oldest
+  result of the same camera (else the oldest; ``dropped["slow_consumer"]``), so latency stays
+  bounded when inference or the consumer is slower than the cameras, and a fast camera never
+  pushes out a slow one's frames;
 * lossless (``lossless=True``, default for files, folders, iterables): every frame is processed
   and delivered in order; full queues block the stage before them (back-pressure down to capture).
 
-Accounting, exact once the stream has ended: ``captured == delivered + sum(dropped) +
-sum(skipped)``; frames abandoned by ``close()`` count as ``dropped["shutdown"]``.
+Accounting, exact once the stream has ended, per camera and in total: ``captured == delivered +
+sum(dropped) + sum(skipped)``; frames abandoned by ``close()`` count as ``dropped["shutdown"]``.
 
 Source loss (:class:`~edge_ad.runtime.sources.SourceError`): with ``reconnect`` the source is
-re-opened with exponential back-off (:class:`ReconnectPolicy`), each step reported as a
-:class:`StreamEvent` (``stream.events``) and logged on the ``edge_ad.runtime.stream`` logger; when
-it gives up (or cannot reconnect), the results already made are delivered and the iteration then
-raises :class:`StreamError` naming the source and the last error.
+re-opened with exponential back-off (:class:`ReconnectPolicy`) by its own capture thread, so
+the other cameras keep delivering meanwhile; each step is reported as a :class:`StreamEvent`
+(``stream.events``, with its ``source``) and logged on the ``edge_ad.runtime.stream`` logger. When
+it gives up (or cannot reconnect), that camera ends; the others go on, and once every source
+has ended and the results made are delivered, the iteration raises :class:`StreamError` naming
+the lost source(s) and the last error.
 
 Shutdown: ``close()``, leaving a ``with`` block, closing / breaking out of the iteration, or
 Ctrl-C in the consumer stop the threads and join them; in-flight engine requests are waited for.
@@ -62,7 +78,9 @@ Torch-free.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import logging
+import os
 import threading
 import time
 import weakref
@@ -74,6 +92,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .detector import NonFiniteOutputError
+from .fair_queue import CLOSED, FairQueue
 from .preprocessing import COLOR_ORDERS
 from .result import Result
 from .sources import FrameSource, Skip, SourceError, open_source
@@ -90,6 +109,10 @@ MAX_SKIP_RECORDS = 100
 #: How many events ``stream.events`` keeps (oldest forgotten first).
 MAX_EVENTS = 1000
 _POLL_S = 0.05  # blocking waits wake this often to notice close() / Ctrl-C
+#: Default time a batched engine call waits for frames of other cameras after the first one (ms).
+DEFAULT_BATCH_WAIT_MS = 2.0
+#: Longest ``batch_wait_ms`` accepted (ms): a longer wait is latency, not batching.
+MAX_BATCH_WAIT_MS = 1000.0
 
 
 class StreamError(RuntimeError):
@@ -129,11 +152,13 @@ class StreamEvent:
         kind: ``source_lost``, ``reconnect_attempt``, ``reconnect_failed``, ``reconnected``,
             ``gave_up``, ``skip``, ``source_ended``, ``error``, ``close_timeout``.
         message: human-readable detail.
+        source: the source (camera) it happened to; None for the whole stream.
     """
 
     time: float
     kind: str
     message: str
+    source: str | None = None
 
 
 @dataclass
@@ -151,13 +176,20 @@ class StreamStats:
         skipped: reason -> items skipped (``bad_frame``, ``unreadable_file``, ``none_item``,
             ``non_finite_output``; ``engine_error`` / ``postprocess_error`` for the frame a failed stage
             was on).
-        skips: the first :data:`MAX_SKIP_RECORDS` skips: ``{"frame_index", "reason", "detail"}``.
+        skips: the first :data:`MAX_SKIP_RECORDS` skips: ``{"frame_index", "reason", "detail", "time"}``
+            (``time.monotonic()`` s; the total's records also name their ``"source"``).
         reconnects: successful reconnections.
         queues: ``{"frames" | "results" | "slots": {"bound": int, "max_depth": int}}``: the deepest
             each queue ever got (never above its bound).
         elapsed_s: seconds since the stream started (to its end once ended).
         fps: delivered / elapsed_s.
-        error: why the stream ended early, or None.
+        error: why the stream ended early (or a source was lost for good), or None.
+        sources: source name -> that source's own :class:`StreamStats` (one entry for a
+            single-source stream; the per-source entries have no ``sources`` of their own). The
+            totals (this object) are the sums over the sources.
+        batch: frames per engine call (the model's static batch; 1 when dynamic).
+        batches: engine calls made.
+        batch_fill: frames inferred / (batches * batch): 1.0 = every call full, lower = padding.
     """
 
     source: str
@@ -174,6 +206,10 @@ class StreamStats:
     elapsed_s: float
     fps: float
     error: str | None
+    sources: dict[str, "StreamStats"] = field(default_factory=dict)
+    batch: int = 1
+    batches: int = 0
+    batch_fill: float = 0.0
 
     @property
     def dropped_total(self) -> int:
@@ -203,13 +239,6 @@ class StreamStats:
 # ------------------------------------------------------------------------------------------------
 
 
-class _Closed:
-    """Sentinel: the queue was closed and is empty."""
-
-
-CLOSED = _Closed()
-
-
 class BoundedQueue:
     """A FIFO of at most ``maxsize`` items that records its deepest fill (``max_depth``).
 
@@ -224,13 +253,19 @@ class BoundedQueue:
         self._cond = threading.Condition()
         self._closed = False
 
-    def put(self, item: Any, *, drop_oldest: bool) -> tuple[bool, Any]:
-        """-> (accepted, dropped item or None). Not accepted only when the queue was closed."""
+    def put(self, item: Any, *, drop_oldest: bool, prefer: Any = None) -> tuple[bool, Any]:
+        """-> (accepted, dropped item or None). Not accepted only when the queue was closed.
+
+        ``prefer``: a predicate; a full queue drops its oldest item matching it when there is
+        one (a camera's own stale result before another camera's), else its oldest item.
+        """
         with self._cond:
             dropped = None
             while len(self._items) >= self.maxsize and not self._closed:
                 if drop_oldest:
-                    dropped = self._items.popleft()
+                    match = next((k for k, old in enumerate(self._items) if prefer(old)), 0) if prefer else 0
+                    dropped = self._items[match]
+                    del self._items[match]
                     break
                 self._cond.wait(_POLL_S)
             if self._closed:
@@ -267,16 +302,61 @@ class BoundedQueue:
 
 @dataclass
 class _Frame:
+    lane: int
     index: int
     frame: np.ndarray
     view: np.ndarray
     t_mono: float
     t_wall: float
     capture_ms: float
-    slot: int = -1
     preprocess_ms: float = 0.0
     t_start: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Lane:
+    """One source of a stream (a camera): its reader, its settings and its counters."""
+
+    index: int
+    name: str
+    source: FrameSource
+    roi: tuple[int, int, int, int] | None
+    color_order: str
+    #: The camera's thresholds (a bundle ``Thresholds``), or None for the detector's.
+    thresholds: Any = None
+    captured: int = 0
+    processed: int = 0
+    delivered: int = 0
+    reconnects: int = 0
+    dropped: collections.Counter = field(default_factory=collections.Counter)
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    skips: list = field(default_factory=list)
+    error: BaseException | None = None
+
+
+def _is_source_spec(item: Any) -> bool:
+    """One element of a list of sources (camera index, path, URL, pipeline, FrameSource), not a frame."""
+    return (isinstance(item, (str, os.PathLike, FrameSource))
+            or (isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_))))
+
+
+def split_sources(source: Any) -> list[tuple[str | None, Any]]:
+    """``det.stream``'s source argument -> ``[(name or None, spec), ...]``, one per camera.
+
+    A mapping ``{name: spec}`` or a list / tuple of specs (camera indices, paths, URLs, pipelines,
+    :class:`~edge_ad.runtime.sources.FrameSource` s) is several sources; anything else (a list of
+    frames included) is one.
+    """
+    if isinstance(source, collections.abc.Mapping):
+        if not source:
+            raise ValueError("the sources mapping is empty: pass {'cam_name': camera_index_or_path, ...}")
+        for name in source:
+            if not isinstance(name, str) or not name.strip():
+                raise TypeError(f"source names must be non-empty strings (e.g. 'cam_top'), got {name!r}")
+        return [(name, spec) for name, spec in source.items()]
+    if isinstance(source, (list, tuple)) and source and all(_is_source_spec(s) for s in source):
+        return [(None, spec) for spec in source]
+    return [(None, source)]
 
 
 class _Pipeline:
@@ -289,7 +369,7 @@ class _Pipeline:
     def __init__(self, detector: "Detector", source: Any, *, lossless: bool | None = None, queue_size: int = 2,
                  color_order: str = "bgr", roi: tuple[int, int, int, int] | None = None,
                  reconnect: bool | ReconnectPolicy = True, keep_frames: bool = False, max_frames: int | None = None,
-                 join_timeout: float = 5.0) -> None:
+                 batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, join_timeout: float = 5.0) -> None:
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an int >= 1 (frames), got {queue_size!r}")
         if color_order not in COLOR_ORDERS:
@@ -297,19 +377,28 @@ class _Pipeline:
         if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
                                        or max_frames < 1):
             raise ValueError(f"max_frames must be None or an int >= 1, got {max_frames!r}")
+        if isinstance(batch_wait_ms, bool) or not isinstance(batch_wait_ms, (int, float)) or not (
+                0 <= batch_wait_ms <= MAX_BATCH_WAIT_MS):
+            raise ValueError(f"batch_wait_ms must be a number of milliseconds in [0, {MAX_BATCH_WAIT_MS}], got "
+                             f"{batch_wait_ms!r}")
         if reconnect is True:
             reconnect = ReconnectPolicy()
         elif reconnect is not False and not isinstance(reconnect, ReconnectPolicy):
             raise TypeError(f"reconnect must be True, False or a ReconnectPolicy, got {reconnect!r}")
-        if roi is not None:  # fail now, not as one skip per frame
-            from .preprocessing import _is_int
-
-            if len(tuple(roi)) != 4 or not all(_is_int(v) for v in roi):
-                raise TypeError(f"roi must be a tuple of four ints (x, y, w, h) in pixels, got {roi!r}")
-            roi = tuple(int(v) for v in roi)
+        roi = _check_roi(roi)
         self.detector = detector
-        self.source: FrameSource = open_source(source)
-        self.lossless = (not self.source.live) if lossless is None else bool(lossless)
+        self.lanes: list[_Lane] = []
+        for name, spec in split_sources(source):
+            src = open_source(spec)
+            name = name or src.name
+            if any(lane.name == name for lane in self.lanes):
+                name = f"{name}#{len(self.lanes)}"
+            profile = detector.camera_profile(name) if name is not None else None
+            lane_roi = _check_roi(profile.roi) if profile is not None and profile.roi is not None else roi
+            lane_order = profile.color_order if profile is not None and profile.color_order else color_order
+            self.lanes.append(_Lane(len(self.lanes), name, src, lane_roi, lane_order,
+                                    profile.thresholds if profile is not None else None))
+        self.lossless = (not any(lane.source.live for lane in self.lanes)) if lossless is None else bool(lossless)
         self.queue_size = queue_size
         self.color_order = color_order
         self.roi = roi
@@ -317,23 +406,23 @@ class _Pipeline:
         self.keep_frames = bool(keep_frames)
         self.max_frames = max_frames
         self.join_timeout = float(join_timeout)
+        #: Frames per engine call: the model's static batch (1 when dynamic).
+        self.batch = int(detector.engine.batch or 1)
+        self.batch_wait_s = float(batch_wait_ms) / 1e3 if self.batch > 1 else 0.0
 
         # Slot 0 belongs to Detector.predict (under its lock); a stream uses the others (reserved
         # at start). An engine with a single slot is shared with predict through the detector's lock.
         num_slots = max(1, detector.engine.num_slots - 1)
-        self._frames = BoundedQueue(queue_size)
+        self._frames = FairQueue(len(self.lanes), queue_size)
         self._inflight = BoundedQueue(num_slots)
         self._free = BoundedQueue(num_slots)
-        self._pending: dict[int, _Frame] = {}  # started, not finished engine slots (waited for at close)
+        self._pending: dict[int, list[_Frame]] = {}  # started, not finished engine slots (waited for at close)
         self._reserved = False
-        self._results = BoundedQueue(queue_size)
+        self._results = BoundedQueue(queue_size * len(self.lanes))
         self._stop = threading.Event()
-        self._lock = threading.Lock()  # guards the counters below
-        self._captured = self._processed = self._delivered = self._reconnects = 0
+        self._lock = threading.Lock()  # guards the counters (here and in the lanes)
         self._max_inflight = 0
-        self._dropped: collections.Counter[str] = collections.Counter()
-        self._skipped: collections.Counter[str] = collections.Counter()
-        self._skips: list[dict[str, Any]] = []
+        self._batches = self._batched_frames = 0
         self.events: collections.deque[StreamEvent] = collections.deque(maxlen=MAX_EVENTS)
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
@@ -343,8 +432,23 @@ class _Pipeline:
     # -- public ----------------------------------------------------------------------------------
 
     @property
+    def source(self) -> FrameSource:
+        return self.lanes[0].source
+
+    @property
     def mode(self) -> str:
         return "lossless" if self.lossless else "line-speed"
+
+    def _lane_stats(self, lane: _Lane, running: bool, elapsed: float) -> StreamStats:
+        return StreamStats(
+            source=lane.name, mode=self.mode, running=running, captured=lane.captured, processed=lane.processed,
+            delivered=lane.delivered, dropped=dict(lane.dropped), skipped=dict(lane.skipped), skips=list(lane.skips),
+            reconnects=lane.reconnects,
+            queues={"frames": {"bound": self._frames.maxsize, "max_depth": self._frames.max_depth[lane.index]},
+                    "results": {"bound": self._results.maxsize, "max_depth": self._results.max_depth},
+                    "slots": {"bound": self._free.maxsize, "max_depth": self._max_inflight}},
+            elapsed_s=elapsed, fps=lane.delivered / elapsed if elapsed > 0 else 0.0,
+            error=str(lane.error) if lane.error is not None else None)
 
     @property
     def stats(self) -> StreamStats:
@@ -352,28 +456,44 @@ class _Pipeline:
         with self._lock:
             end = self._t_end or time.monotonic()
             elapsed = end - self._t0 if self._started else 0.0
-            return StreamStats(
-                source=self.source.name, mode=self.mode, running=any(t.is_alive() for t in self._threads),
-                captured=self._captured, processed=self._processed, delivered=self._delivered,
-                dropped=dict(self._dropped), skipped=dict(self._skipped), skips=list(self._skips),
-                reconnects=self._reconnects,
-                queues={"frames": {"bound": self._frames.maxsize, "max_depth": self._frames.max_depth},
-                        "results": {"bound": self._results.maxsize, "max_depth": self._results.max_depth},
-                        "slots": {"bound": self._free.maxsize, "max_depth": self._max_inflight}},
-                elapsed_s=elapsed, fps=self._delivered / elapsed if elapsed > 0 else 0.0,
-                error=str(self._error) if self._error is not None else None,
-            )
+            running = any(t.is_alive() for t in self._threads)
+            per = {lane.name: self._lane_stats(lane, running, elapsed) for lane in self.lanes}
+            total = self._lane_stats(self.lanes[0], running, elapsed)
+            if len(self.lanes) > 1:
+                total.source = ", ".join(per)
+                total.captured, total.processed, total.delivered, total.reconnects = (
+                    sum(getattr(s, k) for s in per.values()) for k in ("captured", "processed", "delivered",
+                                                                       "reconnects"))
+                total.dropped = dict(sum((lane.dropped for lane in self.lanes), collections.Counter()))
+                total.skipped = dict(sum((lane.skipped for lane in self.lanes), collections.Counter()))
+                total.skips = sorted((dict(r, source=lane.name) for lane in self.lanes for r in lane.skips),
+                                     key=lambda r: r["time"])[:MAX_SKIP_RECORDS]
+                total.queues["frames"]["max_depth"] = max(self._frames.max_depth)
+                total.fps = total.delivered / elapsed if elapsed > 0 else 0.0
+            errors = ([str(self._error)] if self._error is not None else []) + [
+                s.error for s in per.values() if s.error is not None and (len(self.lanes) > 1 or self._error is None)]
+            total.error = "; ".join(errors) if errors else None
+            total.sources = per
+            total.batch = self.batch
+            total.batches = self._batches
+            total.batch_fill = self._batched_frames / (self._batches * self.batch) if self._batches else 0.0
+            return total
 
     def start(self) -> "_Pipeline":
-        """Reserve the detector's stream slots, open the source and start the threads."""
+        """Reserve the detector's stream slots, open the sources and start the threads."""
         if self._closed:
             raise RuntimeError("this stream was closed; start a new one with detector.stream(...)")
         if self._started:
             return self
         slots = self.detector.reserve_stream_slots()  # RuntimeError while another stream runs
+        opened: list[FrameSource] = []
         try:
-            self.source.open()  # SourceError / ImportError reach the caller directly
+            for lane in self.lanes:
+                lane.source.open()  # SourceError / ImportError reach the caller directly
+                opened.append(lane.source)
         except BaseException:
+            for src in opened:
+                src.close()
             self.detector.release_stream_slots()
             raise
         self._reserved = True
@@ -382,9 +502,12 @@ class _Pipeline:
         self.detector.warn_if_uncalibrated()
         self._started = True
         self._t0 = time.monotonic()
-        for name, target in (("capture", self._capture_loop), ("submit", self._submit_loop),
-                             ("collect", self._collect_loop)):
-            t = threading.Thread(target=self._guard, args=(name, target), name=f"edge_ad-stream-{name}", daemon=True)
+        stages = [(f"capture-{lane.name}" if len(self.lanes) > 1 else "capture", self._capture_loop, (lane,))
+                  for lane in self.lanes]
+        stages += [("submit", self._submit_loop, ()), ("collect", self._collect_loop, ())]
+        for name, target, args in stages:
+            t = threading.Thread(target=self._guard, args=(name, target, args), name=f"edge_ad-stream-{name}",
+                                 daemon=True)
             self._threads.append(t)
             t.start()
         return self
@@ -394,55 +517,60 @@ class _Pipeline:
         item = self._results.get()
         if item is CLOSED:
             self._join()
-            if self._error is not None:
-                raise StreamError(str(self._error)) from self._error
+            errors = [self._error] if self._error is not None else []
+            errors += [lane.error for lane in self.lanes if lane.error is not None]
+            if errors:
+                if len(errors) == 1:
+                    raise StreamError(str(errors[0])) from errors[0]
+                raise StreamError("; ".join(str(e) for e in errors)) from errors[0]
             return None
+        lane, res = item
         with self._lock:
-            self._delivered += 1
-        return item
+            self.lanes[lane].delivered += 1
+        return res
 
     def close(self) -> None:
-        """Stop the threads, wait for in-flight inference, release the source and the slots. Idempotent."""
+        """Stop the threads, wait for in-flight inference, release the sources and the slots. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._stop.set()
-        if not self._started:
-            self.source.close()
-            return
         try:
-            self._shutdown()
+            if self._started:
+                self._shutdown()
         finally:
-            self.source.close()
+            for lane in self.lanes:
+                lane.source.close()
+
+    def _drop_left(self) -> None:
+        """Count what the queues still hold as ``dropped["shutdown"]`` (per source)."""
+        left = [lane for lane, _ in self._frames.drain()] + [lane for lane, _ in self._results.drain()]
+        with self._lock:
+            for lane in left:
+                self.lanes[lane].dropped["shutdown"] += 1
 
     def _shutdown(self) -> None:
         # Close before draining, so no stage can slip an item in between.
         self._frames.close()
         self._free.close()
         self._results.close()
-        left = self._frames.drain() + self._results.drain()
-        if left:
-            with self._lock:
-                self._dropped["shutdown"] += len(left)
+        self._drop_left()
         self._join()
-        # Anything a stage enqueued between the drain and its exit.
-        left = self._frames.drain() + self._results.drain()
-        if left:
-            with self._lock:
-                self._dropped["shutdown"] += len(left)
+        self._drop_left()  # anything a stage enqueued between the drain and its exit
         self._reap()
 
     def _reap(self) -> None:
         """Wait for the engine requests still in flight (errors ignored), then give the slots back."""
-        if any(t.is_alive() for t in self._threads if t.name != "edge_ad-stream-capture"):
+        if any(t.is_alive() for t in self._threads if not t.name.startswith("edge_ad-stream-capture")):
             # submit / collect stuck inside the engine: its slots cannot be handed on safely.
             self._event("close_timeout", "an engine request did not finish; this detector's stream slots stay "
                                          "reserved (load a new Detector)", logging.ERROR)
             return
         with self._lock:
             pending, self._pending = dict(self._pending), {}
-            if pending:
-                self._dropped["shutdown"] += len(pending)
+            for items in pending.values():
+                for item in items:
+                    self.lanes[item.lane].dropped["shutdown"] += 1
         for slot in pending:
             self.detector.abandon_slot(slot)
         if self._reserved:
@@ -464,14 +592,15 @@ class _Pipeline:
             if not self._t_end:
                 self._t_end = time.monotonic()
 
-    def _event(self, kind: str, message: str, level: int = logging.INFO) -> None:
-        self.events.append(StreamEvent(time.monotonic(), kind, message))
-        log.log(level, "%s: %s: %s", self.source.name, kind, message)
+    def _event(self, kind: str, message: str, level: int = logging.INFO, lane: _Lane | None = None) -> None:
+        name = (lane or self.lanes[0]).name if lane is not None or len(self.lanes) == 1 else None
+        self.events.append(StreamEvent(time.monotonic(), kind, message, name))
+        log.log(level, "%s: %s: %s", name or "stream", kind, message)
 
-    def _guard(self, name: str, target: Any) -> None:
+    def _guard(self, name: str, target: Any, args: tuple) -> None:
         """Run a stage; an unexpected exception stops the whole stream and is re-raised to the consumer."""
         try:
-            target()
+            target(*args)
         except BaseException as exc:  # noqa: BLE001 - reported to the consumer, never swallowed
             with self._lock:
                 if self._error is None:
@@ -486,112 +615,123 @@ class _Pipeline:
             self._inflight.close()
             self._results.close()
 
-    def _skip(self, index: int, reason: str, detail: str) -> None:
+    def _skip(self, lane: _Lane, index: int, reason: str, detail: str) -> None:
         with self._lock:
-            self._skipped[reason] += 1
-            if len(self._skips) < MAX_SKIP_RECORDS:
-                self._skips.append({"frame_index": index, "reason": reason, "detail": detail})
-        self._event("skip", f"frame {index}: {reason}: {detail}", logging.WARNING)
+            lane.skipped[reason] += 1
+            if len(lane.skips) < MAX_SKIP_RECORDS:
+                lane.skips.append({"frame_index": index, "reason": reason, "detail": detail,
+                                   "time": time.monotonic()})
+        self._event("skip", f"frame {index}: {reason}: {detail}", logging.WARNING, lane)
 
-    def _read(self) -> Any:
-        """One item from the source, reconnecting with back-off when it is lost. None = ended."""
+    def _read(self, lane: _Lane) -> Any:
+        """One item from the lane's source, reconnecting with back-off when it is lost. None = ended."""
+        source = lane.source
         try:
-            return self.source.read()
+            return source.read()
         except SourceError as exc:
             lost = exc
-        self._event("source_lost", str(lost), logging.WARNING)
+        self._event("source_lost", str(lost), logging.WARNING, lane)
         policy = self.reconnect
-        if policy is None or not self.source.reopenable:
+        if policy is None or not source.reopenable:
             why = "reconnect is off" if policy is None else "this kind of source cannot be re-opened"
-            raise StreamError(f"source {self.source.name} was lost ({lost}) and {why}")
+            raise StreamError(f"source {lane.name} was lost ({lost}) and {why}")
         last: Exception = lost
         t_lost = time.monotonic()
         for attempt in range(1, policy.max_attempts + 1):
             delay = policy.delay(attempt)
-            self._event("reconnect_attempt", f"attempt {attempt}/{policy.max_attempts} in {delay:.2f} s")
+            self._event("reconnect_attempt", f"attempt {attempt}/{policy.max_attempts} in {delay:.2f} s", lane=lane)
             if self._stop.wait(delay):
                 return None
             try:
-                self.source.close()
-                self.source.open()
+                source.close()
+                source.open()
             except (SourceError, OSError) as exc:
                 last = exc
-                self._event("reconnect_failed", f"attempt {attempt}: {exc}", logging.WARNING)
+                self._event("reconnect_failed", f"attempt {attempt}: {exc}", logging.WARNING, lane)
                 continue
             with self._lock:
-                self._reconnects += 1
-            self._event("reconnected", f"after {attempt} attempt(s), {time.monotonic() - t_lost:.2f} s")
-            return self._read()
-        message = (f"gave up on source {self.source.name} after {policy.max_attempts} reconnect attempts over "
+                lane.reconnects += 1
+            self._event("reconnected", f"after {attempt} attempt(s), {time.monotonic() - t_lost:.2f} s", lane=lane)
+            return self._read(lane)
+        message = (f"gave up on source {lane.name} after {policy.max_attempts} reconnect attempts over "
                    f"{time.monotonic() - t_lost:.1f} s; last error: {last}. Check the cable / network / path, or "
                    "pass reconnect=ReconnectPolicy(max_attempts=...) to wait longer")
-        self._event("gave_up", message, logging.ERROR)
+        self._event("gave_up", message, logging.ERROR, lane)
         raise StreamError(message)
 
-    def _capture_loop(self) -> None:
+    def _capture_loop(self, lane: _Lane) -> None:
+        """Read one source into its lane; a source lost for good ends this lane only."""
         index = 0
         drop = not self.lossless
         try:
             while not self._stop.is_set():
                 if self.max_frames is not None and index >= self.max_frames:
-                    self._event("source_ended", f"max_frames={self.max_frames} reached")
+                    self._event("source_ended", f"max_frames={self.max_frames} reached", lane=lane)
                     break
                 t0 = time.perf_counter()
                 try:
-                    item = self._read()
-                except StreamError as exc:  # the source is gone for good: deliver what is in flight, then raise
+                    item = self._read(lane)
+                except StreamError as exc:  # gone for good: the others go on; the stream raises at its end
                     with self._lock:
-                        self._error = exc
+                        lane.error = exc
                     break
                 t_mono, t_wall = time.monotonic(), time.time()
                 if item is None:
-                    msg = self.source.end_message
-                    self._event("source_ended", msg or "end of source", logging.WARNING if msg else logging.INFO)
+                    msg = lane.source.end_message
+                    self._event("source_ended", msg or "end of source", logging.WARNING if msg else logging.INFO,
+                                lane)
                     break
                 capture_ms = (time.perf_counter() - t0) * 1e3
                 with self._lock:
-                    self._captured += 1
+                    lane.captured += 1
                 i, index = index, index + 1
                 if isinstance(item, Skip):
-                    self._skip(i, item.reason, item.detail)
+                    self._skip(lane, i, item.reason, item.detail)
                     continue
                 try:
-                    view = self.detector.check_frame(item, roi=self.roi, color_order=self.color_order,
-                                                     where=f"frame {i}")
+                    view = self.detector.check_frame(item, roi=lane.roi, color_order=lane.color_order,
+                                                     where=f"frame {i} of {lane.name}")
                 except (TypeError, ValueError) as exc:
-                    self._skip(i, "bad_frame", str(exc))
+                    self._skip(lane, i, "bad_frame", str(exc))
                     continue
-                ok, old = self._frames.put(_Frame(i, item, view, t_mono, t_wall, capture_ms), drop_oldest=drop)
+                ok, old = self._frames.put(lane.index, _Frame(lane.index, i, item, view, t_mono, t_wall, capture_ms),
+                                           drop_oldest=drop)
                 with self._lock:
                     if old is not None:
-                        self._dropped["stale_frame"] += 1
+                        lane.dropped["stale_frame"] += 1
                     if not ok:
-                        self._dropped["shutdown"] += 1
+                        lane.dropped["shutdown"] += 1
         finally:
-            self._frames.close()
+            self._frames.close_lane(lane.index)
 
     def _submit_loop(self) -> None:
         det = self.detector
+        # Frames of one engine call share a colour order (preprocessing converts a whole batch alike).
+        key = (lambda f: self.lanes[f.lane].color_order) if len(self.lanes) > 1 else None
         try:
             while True:
                 slot = self._free.get()
                 if slot is CLOSED:
                     break
-                item = self._frames.get()
-                if item is CLOSED:
+                items = self._frames.get_batch(self.batch, self.batch_wait_s, key)
+                if items is CLOSED:
                     break
                 t0 = time.perf_counter()
                 try:
-                    det.start_slot(slot, [item.view], self.color_order)
-                except BaseException as exc:  # the stream ends; the frame is accounted for
-                    self._skip(item.index, "engine_error", f"{type(exc).__name__}: {exc}")
+                    det.start_slot(slot, [it.view for it in items], self.lanes[items[0].lane].color_order)
+                except BaseException as exc:  # the stream ends; the frames are accounted for
+                    for it in items:
+                        self._skip(self.lanes[it.lane], it.index, "engine_error", f"{type(exc).__name__}: {exc}")
                     raise
                 t1 = time.perf_counter()
-                item.slot, item.preprocess_ms, item.t_start = slot, (t1 - t0) * 1e3, t1
+                for it in items:
+                    it.preprocess_ms, it.t_start = (t1 - t0) * 1e3, t1
                 with self._lock:
-                    self._pending[slot] = item
+                    self._pending[slot] = items
+                    self._batches += 1
+                    self._batched_frames += len(items)
                 # Refused only when the stream is failing / closing: close() then waits for the slot.
-                self._inflight.put(item, drop_oldest=False)
+                self._inflight.put((slot, items), drop_oldest=False)
                 with self._lock:
                     self._max_inflight = max(self._max_inflight, self._inflight.max_depth)
         finally:
@@ -602,49 +742,70 @@ class _Pipeline:
         drop = not self.lossless
         try:
             while True:
-                item = self._inflight.get()
-                if item is CLOSED:
+                entry = self._inflight.get()
+                if entry is CLOSED:
                     break
+                slot, items = entry
                 try:
-                    maps, scores = det.finish_slot(item.slot)
-                except BaseException as exc:  # the stream ends; the frame is accounted for
-                    self._skip(item.index, "engine_error", f"{type(exc).__name__}: {exc}")
+                    maps, scores = det.finish_slot(slot)
+                except BaseException as exc:  # the stream ends; the frames are accounted for
+                    for it in items:
+                        self._skip(self.lanes[it.lane], it.index, "engine_error", f"{type(exc).__name__}: {exc}")
                     raise
                 finally:  # finish_slot frees the slot even when the engine failed
                     with self._lock:
-                        self._pending.pop(item.slot, None)
-                    self._free.put(item.slot, drop_oldest=False)
+                        self._pending.pop(slot, None)
+                    self._free.put(slot, drop_oldest=False)
                 t1 = time.perf_counter()
                 with self._lock:
-                    self._processed += 1
-                if self._stop.is_set():  # closing: in-flight work is finished but not delivered
+                    for it in items:
+                        self.lanes[it.lane].processed += 1
+                for j, item in enumerate(items):
+                    lane = self.lanes[item.lane]
+                    if self._stop.is_set():  # closing: in-flight work is finished but not delivered
+                        with self._lock:
+                            lane.dropped["shutdown"] += 1
+                        continue
+                    t2 = time.perf_counter()
+                    try:
+                        res = det.make_result(maps[j], float(scores[j]), item.view.shape[:2], lane.roi,
+                                              where=f"frame {item.index} of {lane.name}", thresholds=lane.thresholds)
+                    except NonFiniteOutputError as exc:  # a fault, never a verdict: counted, and the stream goes on
+                        self._skip(lane, item.index, "non_finite_output", str(exc))
+                        continue
+                    except BaseException as exc:  # the stream ends; the frames are accounted for
+                        self._skip(lane, item.index, "postprocess_error", f"{type(exc).__name__}: {exc}")
+                        with self._lock:
+                            for rest in items[j + 1 :]:
+                                self.lanes[rest.lane].dropped["shutdown"] += 1
+                        raise
+                    t3 = time.perf_counter()
+                    res.frame_index, res.capture_time, res.capture_wall_time = item.index, item.t_mono, item.t_wall
+                    res.source = lane.name
+                    res.frame = item.frame if self.keep_frames else None
+                    res.timings = {"capture": item.capture_ms, "preprocess": item.preprocess_ms,
+                                   "infer": (t1 - item.t_start) * 1e3, "postprocess": (t3 - t2) * 1e3,
+                                   "capture_to_decision": (time.monotonic() - item.t_mono) * 1e3}
+                    ok, old = self._results.put((item.lane, res), drop_oldest=drop,
+                                                prefer=lambda old, lane=item.lane: old[0] == lane)
                     with self._lock:
-                        self._dropped["shutdown"] += 1
-                    continue
-                try:
-                    res = det.make_result(maps[0], float(scores[0]), item.view.shape[:2], self.roi,
-                                          where=f"frame {item.index}")
-                except NonFiniteOutputError as exc:  # a fault, never a verdict: counted, and the stream goes on
-                    self._skip(item.index, "non_finite_output", str(exc))
-                    continue
-                except BaseException as exc:  # the stream ends; the frame is accounted for
-                    self._skip(item.index, "postprocess_error", f"{type(exc).__name__}: {exc}")
-                    raise
-                t2 = time.perf_counter()
-                res.frame_index, res.capture_time, res.capture_wall_time = item.index, item.t_mono, item.t_wall
-                res.source = self.source.name
-                res.frame = item.frame if self.keep_frames else None
-                res.timings = {"capture": item.capture_ms, "preprocess": item.preprocess_ms,
-                               "infer": (t1 - item.t_start) * 1e3, "postprocess": (t2 - t1) * 1e3,
-                               "capture_to_decision": (time.monotonic() - item.t_mono) * 1e3}
-                ok, old = self._results.put(res, drop_oldest=drop)
-                with self._lock:
-                    if old is not None:
-                        self._dropped["slow_consumer"] += 1
-                    if not ok:
-                        self._dropped["shutdown"] += 1
+                        if old is not None:
+                            self.lanes[old[0]].dropped["slow_consumer"] += 1
+                        if not ok:
+                            lane.dropped["shutdown"] += 1
         finally:
             self._results.close()
+
+
+def _check_roi(roi: Any) -> tuple[int, int, int, int] | None:
+    """Fail at stream creation, not as one skip per frame."""
+    if roi is None:
+        return None
+    from .preprocessing import _is_int
+
+    if len(tuple(roi)) != 4 or not all(_is_int(v) for v in roi):
+        raise TypeError(f"roi must be a tuple of four ints (x, y, w, h) in pixels, got {roi!r}")
+    return tuple(int(v) for v in roi)
 
 
 class Stream:
@@ -669,8 +830,13 @@ class Stream:
 
     @property
     def source(self) -> FrameSource:
-        """The :class:`~edge_ad.runtime.sources.FrameSource` being read."""
+        """The :class:`~edge_ad.runtime.sources.FrameSource` being read (the first one of a multi-source stream)."""
         return self._pipeline.source
+
+    @property
+    def sources(self) -> dict[str, FrameSource]:
+        """Source name (``Result.source``) -> :class:`~edge_ad.runtime.sources.FrameSource`, in the given order."""
+        return {lane.name: lane.source for lane in self._pipeline.lanes}
 
     @property
     def lossless(self) -> bool:
@@ -758,19 +924,22 @@ def result_record(res: Result) -> dict[str, Any]:
 def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None = None, jsonl: str | None = None,
                lossless: bool | None = None, max_frames: int | None = None, device: str = "auto",
                roi: tuple[int, int, int, int] | None = None, color_order: str = "bgr", queue_size: int = 2,
-               reconnect: bool | ReconnectPolicy = True, progress: bool = True) -> StreamStats:
+               reconnect: bool | ReconnectPolicy = True, progress: bool = True,
+               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> StreamStats:
     """Stream a bundle over a source, writing JSON lines / an overlay video / a window. ``edge-ad run``.
 
     Args:
         bundle: bundle directory / ``.tar`` / :class:`~edge_ad.runtime.Bundle`, or a loaded
             :class:`~edge_ad.runtime.Detector`.
-        source: what :func:`~edge_ad.runtime.sources.open_source` takes.
+        source: what :func:`~edge_ad.runtime.sources.open_source` takes, or several sources
+            (a ``{name: source}`` mapping: :meth:`Detector.stream`).
         show: show frames with the overlay in an OpenCV window (press ``q`` or Esc to stop).
         save: write the overlaid frames to this video file (``.mp4`` mp4v / ``.avi`` MJPG) at the
             source's frame rate (25 fps when unknown).
         jsonl: write one JSON object per result (:func:`result_record`), then a final
             ``{"stats": ...}`` line (:meth:`StreamStats.to_dict`).
-        lossless, max_frames, roi, color_order, queue_size, reconnect: as :meth:`Detector.stream`.
+        lossless, max_frames, roi, color_order, queue_size, reconnect, batch_wait_ms: as
+            :meth:`Detector.stream`.
         device: engine device (``"auto"`` = the bundle target's).
         progress: a tqdm bar (when tqdm is installed) counting results.
 
@@ -784,6 +953,9 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
 
     from .detector import Detector
 
+    if (show or save) and len(split_sources(source)) > 1:
+        raise ValueError("show / save draw one camera's video; with several sources write --jsonl (each record "
+                         "names its source) or run one camera with --show / --save")
     det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device)
     draw = None
     if show or save:
@@ -809,7 +981,8 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
     writer = None
     writer_size = (0, 0)
     stream = det.stream(source, lossless=lossless, queue_size=queue_size, color_order=color_order, roi=roi,
-                        reconnect=reconnect, keep_frames=bool(show or save), max_frames=max_frames)
+                        reconnect=reconnect, keep_frames=bool(show or save), max_frames=max_frames,
+                        batch_wait_ms=batch_wait_ms)
     try:
         with stream:
             for res in stream:

@@ -24,7 +24,7 @@ def test_synthetic_dataset_is_valid_mvtec_layout(tmp_path):
 def test_demo_writes_report_on_generated_data(tmp_path):
     root = make_synthetic_dataset(tmp_path / "data", size=128, num_train=8, num_test_per_type=3, seed=0)
     result = demo(root, tmp_path / "out", categories=[CATEGORY], image_size=128, shots=4, steps=3, device="cpu",
-                  benchmark_iterations=10, progress=False)
+                  benchmark_iterations=30, progress=False)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [r["method"] for r in report["runs"]] == ["foundad", "knn"] == [r["method"] for r in result["runs"]]
     md = (tmp_path / "out" / "report.md").read_text()
@@ -48,4 +48,4 @@ def test_demo_writes_report_on_generated_data(tmp_path):
     bench = json.loads((tmp_path / "out" / "deploy" / "benchmark.json").read_text())
     assert bench["engine"] == "openvino" and bench["precision"] == "int8" and bench["end_to_end_fps"] > 0
     assert "end_to_end_fps" in md and "Deployment" in md
-    assert "dtype=uint8" not in md and bench["source"] == "list of 30 frames"  # 20 warm-up + 10 measured: named, not printed
+    assert "dtype=uint8" not in md and bench["source"] == "list of 50 frames"  # 20 warm-up + 30 measured: named, not printed

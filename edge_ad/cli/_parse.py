@@ -47,3 +47,30 @@ def roi(text: str) -> tuple[int, int, int, int]:
     if len(values) != 4:
         raise argparse.ArgumentTypeError(f"--roi must be X,Y,W,H in pixels (four integers), got {text!r}")
     return values  # type: ignore[return-value]
+
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def named_sources(specs: list[str]) -> Any:
+    """``--source`` values -> what :meth:`edge_ad.runtime.Detector.stream` takes.
+
+    One value without a name is that source (``0`` -> camera 0). ``NAME=SPEC`` values (NAME of
+    letters, digits, ``_ - .``; an URL's ``?a=b`` or a GStreamer ``key=value`` is never taken for
+    a name, because the text before its first ``=`` holds ``:``, ``/`` or a space) make a
+    ``{NAME: SPEC}`` mapping, one camera each; unnamed ones among several are named ``cam<i>``.
+    """
+    out: dict[str, Any] = {}
+    named = False
+    for i, text in enumerate(specs):
+        name, sep, spec = text.partition("=")
+        if sep and name and spec and set(name) <= _NAME_CHARS:
+            named = True
+        else:
+            name, spec = f"cam{i}", text
+        if name in out:
+            raise argparse.ArgumentTypeError(f"--source name {name!r} is given twice; camera names must be unique")
+        out[name] = int(spec) if spec.strip().isdigit() else spec
+    if len(out) == 1 and not named:
+        return next(iter(out.values()))
+    return out

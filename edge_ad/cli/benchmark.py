@@ -1,4 +1,4 @@
-"""``edge-ad benchmark BUNDLE [--source SRC] [--warmup N] [--iterations N] [--json FILE] [--device D]``.
+"""``edge-ad benchmark BUNDLE [--source SRC] [--sources N] [--batch-wait-ms M] [--warmup N] [--iterations N] [--json FILE] [--device D]``.
 
 Per-stage latency percentiles, end-to-end streaming FPS next to the bare engine's, capture-to-
 decision p99, drops, peak RSS and device facts. Thin wrapper over
@@ -19,6 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=200, help="measured engine calls and stream frames (200)")
     parser.add_argument("--json", default=None, help="also write the report to this JSON file")
     parser.add_argument("--device", default="auto", help="engine device (CPU, GPU, NPU, CUDA); default: the bundle's")
+    parser.add_argument("--sources", type=int, default=1,
+                        help="stream N cameras at once through one detector, each a copy of --source (cycled) or "
+                             "synthetic; prints per-camera FPS and capture-to-decision p50/p99 (default 1)")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0,
+                        help="static-batch bundles: how long an engine call waits for other cameras' frames (2 ms)")
+    parser.add_argument("--map-resolution", choices=("frame", "model", "lazy"), default="frame",
+                        help="Result maps: frame (default), model, or lazy (made on first access; regions at model "
+                             "resolution)")
     parser.add_argument("--frame-size", type=image_size, default=(480, 640),
                         help="HxW of the synthetic frames (default 480x640)")
 
@@ -30,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     size = (size, size) if isinstance(size, int) else size
     source = int(args.source) if args.source is not None and args.source.isdigit() else args.source
     report = benchmark(args.bundle, source, warmup=args.warmup, iterations=args.iterations, device=args.device,
-                       json_path=args.json, frame_size=size)
+                       json_path=args.json, frame_size=size, sources=args.sources,
+                       batch_wait_ms=args.batch_wait_ms, map_resolution=args.map_resolution)
     print(format_report(report))
     return 0

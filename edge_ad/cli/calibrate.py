@@ -1,4 +1,4 @@
-"""``edge-ad calibrate BUNDLE --source SRC [--target-fpr F] [--pixel-fpr F] [--max-frames N] [--roi X,Y,W,H]``.
+"""``edge-ad calibrate BUNDLE --source SRC [--camera NAME] [--target-fpr F] [--pixel-fpr F] [--max-frames N] [--roi X,Y,W,H]``.
 
 Runs on the device (torch-free): refits the bundle's image / pixel thresholds on good frames of
 this camera and saves them into its manifest (:func:`edge_ad.runtime.calibrate.calibrate_bundle`).
@@ -22,8 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int, default=None,
                         help="use at most N frames (required for cameras, RTSP and GStreamer sources; default: all)")
     parser.add_argument("--roi", type=roi, default=None, help="crop X,Y,W,H applied to every frame, as in production")
-    parser.add_argument("--color-order", choices=("bgr", "rgb", "gray"), default="bgr",
-                        help="channel order of the frames (default bgr: OpenCV sources)")
+    parser.add_argument("--color-order", choices=("bgr", "rgb", "gray"), default=None,
+                        help="channel order of the frames (default: the camera profile's, else bgr: OpenCV sources)")
+    parser.add_argument("--camera", default=None,
+                        help="fit this camera's profile only (e.g. cam_side; stored in the manifest under "
+                             "info.cameras, used by streams whose source has this name); default: the bundle's "
+                             "default thresholds")
     parser.add_argument("--device", default="auto", help="engine device (default: the bundle target's)")
     parser.add_argument("--dry-run", action="store_true", help="fit and print, but do not save the thresholds")
 
@@ -33,13 +37,14 @@ def run(args: argparse.Namespace) -> int:
 
     report = calibrate_bundle(args.bundle, args.source, args.target_fpr, pixel_fpr=args.pixel_fpr, device=args.device,
                               roi=args.roi, color_order=args.color_order, max_frames=args.max_frames,
-                              save=not args.dry_run, progress=True)
+                              save=not args.dry_run, progress=True, camera=args.camera)
     t, prev = report.thresholds, report.previous
 
     def old(value: float | None) -> str:
         return "none" if value is None else f"{value:.4g}"
 
-    print(f"calibrated on {report.num_frames} good frames ({t.source})")
+    who = f" camera {report.camera}" if report.camera else ""
+    print(f"calibrated{who} on {report.num_frames} good frames ({t.source})")
     print(f"image threshold: {old(prev.image_threshold if prev else None)} -> {t.image_threshold:.4g} "
           f"(target FPR {t.target_fpr:g}, on these frames {report.image_fpr:.4f})")
     print(f"pixel threshold: {old(prev.pixel_threshold if prev else None)} -> {t.pixel_threshold:.4g} "

@@ -1,4 +1,4 @@
-"""``edge-ad convert RUN_DIR --target T [--precision P] [--calib DIR] --out BUNDLE``."""
+"""``edge-ad convert RUN_DIR --target T [--precision P] [--calib DIR] [--batch N] --out BUNDLE``."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-map-error", type=float, default=None,
                         help="INT8 fidelity budget (1 - map cosine vs FP32 on the calibration images): a "
                         "sensitivity search keeps the most sensitive blocks in float until it holds")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="static batch N of the model (OpenVINO targets): the runtime gathers up to N frames "
+                        "of different cameras into one engine call (docs/MULTI_CAMERA.md); default 1")
     parser.add_argument("--tar", action="store_true", help="write one .tar file")
     parser.add_argument("--out", required=True, help="bundle directory (or .tar with --tar)")
     parser.add_argument("--sign-key", default=None, help="PEM Ed25519 private key: sign the bundle (manifest.sig)")
@@ -39,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
         convert(args.run_dir, args.target, args.out, precision=args.precision, calib=args.calib,
                 calib_count=args.calib_count, synthetic_fraction=args.synthetic_fraction, val_data=args.val_data,
                 val_category=args.val_category, threshold_fpr=args.threshold_fpr,
-                max_map_error=args.max_map_error, tar=args.tar, sign_key=args.sign_key)
+                max_map_error=args.max_map_error, tar=args.tar, sign_key=args.sign_key,
+                batch=args.batch)
     return 0

@@ -1,5 +1,7 @@
-"""``edge-ad run BUNDLE --source SRC [--show] [--save out.mp4] [--jsonl results.jsonl] [--lossless]
-[--max-frames N] [--device D]``: stream a bundle over a camera / video / folder / URL / pipeline.
+"""``edge-ad run BUNDLE --source SRC [--source NAME=SRC ...] [--batch-wait-ms M] [--show] [--save out.mp4]
+[--jsonl results.jsonl] [--lossless] [--max-frames N] [--device D]``: stream a bundle over a camera /
+video / folder / URL / pipeline, or several named cameras at once (``--source cam_top=0 --source
+cam_side=rtsp://...``: one detector, per-camera profiles, docs/MULTI_CAMERA.md).
 
 Thin wrapper over :func:`edge_ad.runtime.stream.run_stream`; torch-free.
 """
@@ -8,14 +10,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._parse import roi
+from ._parse import named_sources, roi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory or .tar written by `edge-ad convert`")
-    parser.add_argument("--source", required=True,
+    parser.add_argument("--source", required=True, action="append",
                         help="camera index (0) or /dev/videoN, video file, image folder, rtsp:// URL, or a GStreamer "
-                             "pipeline ending in appsink (quote it)")
+                             "pipeline ending in appsink (quote it); NAME=SRC names a camera (its profile in the "
+                             "bundle); repeat for several cameras through one detector")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0,
+                        help="static-batch bundles: how long an engine call waits for other cameras' frames (2 ms)")
     parser.add_argument("--show", action="store_true", help="show frames with the anomaly overlay (q / Esc quits)")
     parser.add_argument("--save", default=None, help="write overlaid frames to this video (.mp4 or .avi)")
     parser.add_argument("--jsonl", default=None, help="write one JSON object per frame, then a final stats line")
@@ -41,14 +46,18 @@ def run(args: argparse.Namespace) -> int:
 
     from edge_ad.runtime import load_bundle
 
-    source = int(args.source) if args.source.isdigit() else args.source
+    source = named_sources(args.source)
     bundle = load_bundle(args.bundle, verify_key=args.verify_key) if args.verify_key else args.bundle
     stats = run_stream(bundle, source, show=args.show, save=args.save, jsonl=args.jsonl, lossless=args.lossless,
                        max_frames=args.max_frames, device=args.device, roi=args.roi, color_order=args.color_order,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, batch_wait_ms=args.batch_wait_ms)
+    keys = ("source", "mode", "captured", "delivered", "dropped", "skipped", "fps")
     d = stats.to_dict()
-    print(json.dumps({k: d[k] for k in ("source", "mode", "captured", "delivered", "dropped", "skipped", "fps")}),
-          file=sys.stderr)
+    summary = {k: d[k] for k in keys}
+    if len(stats.sources) > 1:
+        summary["sources"] = {name: {k: v for k, v in s.items() if k in keys[2:]} for name, s in d["sources"].items()}
+        summary["batch_fill"] = round(stats.batch_fill, 3)
+    print(json.dumps(summary), file=sys.stderr)
     if stats.delivered == 0:  # nothing was inspected: a wrong ROI / colour order must not look like success
         print(f"edge-ad run: error: {stats.no_result_reason()}", file=sys.stderr)
         return 1

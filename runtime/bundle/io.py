@@ -8,7 +8,7 @@ import shutil
 import tarfile
 import tempfile
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +171,8 @@ def _swap_in(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def update_manifest(bundle_dir: str | os.PathLike, changes: Mapping[str, Any], *,
+def update_manifest(bundle_dir: str | os.PathLike,
+                    changes: Mapping[str, Any] | Callable[[Manifest], Mapping[str, Any]], *,
                     sign_key: str | os.PathLike | None = None) -> Manifest:
     """Change top-level manifest fields of a directory bundle (e.g. ``thresholds``) and re-seal it.
 
@@ -184,13 +185,18 @@ def update_manifest(bundle_dir: str | os.PathLike, changes: Mapping[str, Any], *
 
     A signed bundle's ``manifest.sig`` no longer matches the changed manifest: it is re-signed with
     ``sign_key`` (PEM Ed25519 private key) when given, else removed (the bundle is then unsigned).
+
+    ``changes`` may also be a function of the current (verified) manifest returning the changes:
+    it is called under the lock, so a read-modify-write of one section (e.g. adding one camera's
+    profile to ``info``) never loses a concurrent update of the same section.
     """
     path = Path(bundle_dir)
     if not path.is_dir():
         raise BundleError(f"update_manifest works on bundle directories; {path} is not one (extract the .tar first)")
     with locked_dir(path) as dir_fd:
         remove_stale_temps(dir_fd)
-        manifest = _apply_changes(load_bundle(path, verify=True), changes)
+        current = load_bundle(path, verify=True)
+        manifest = _apply_changes(current, changes(current.manifest) if callable(changes) else changes)
         # Signed before anything is written, so a bad key changes nothing.
         signature = signature_bytes(manifest_digest(manifest), sign_key) if sign_key is not None else None
         fault_point("manifest-before-write")
