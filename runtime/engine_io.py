@@ -36,6 +36,8 @@ class TensorSpec:
     name: str
     shape: tuple[int | str | None, ...]
     dtype: str
+    #: further names of the same tensor (OpenVINO ports carry a set of names; any of them addresses it)
+    aliases: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         dims = ", ".join("?" if not isinstance(d, int) else str(d) for d in self.shape)
@@ -87,7 +89,7 @@ def check_engine_io(bundle: "Bundle", engine: Any) -> None:
     got = inputs[0]
     if not _dims_match(tuple(got.shape), want_in) or got.dtype != m.input.dtype:
         raise BundleError(f"{where} has input {got}; the manifest says {want_in_text}: {fix}")
-    by_name = {o.name: o for o in outputs}
+    by_name = {name: o for o in outputs for name in (o.name, *o.aliases)}
     for spec in m.outputs:
         want = f"{spec.name!r} ({', '.join(str(d) for d in spec.shape)}) {spec.dtype}"
         out = by_name.get(spec.name)

@@ -44,7 +44,10 @@ class OpenVINOEngine(SlotEngine):
         shape = self.compiled.inputs[0].get_partial_shape()
         self.batch = int(shape[0].get_length()) if shape[0].is_static else None
         self._hw = (bundle.manifest.input.height, bundle.manifest.input.width)
-        names = [next(iter(o.get_names()), str(i)) for i, o in enumerate(self.compiled.outputs)]
+        # A port's names are a set: name each port by the manifest's name when it is one of them.
+        wanted = {o.name for o in bundle.manifest.outputs}
+        names = [next(iter(sorted(o.get_names() & wanted)), None) or next(iter(sorted(o.get_names())), str(i))
+                 for i, o in enumerate(self.compiled.outputs)]
         self._map_idx, self._score_idx = _output_indices(bundle, names)
         self._dtype = np.float16 if self.compiled.inputs[0].get_element_type() == ov.Type.f16 else np.float32
         self._ov = ov
@@ -73,7 +76,10 @@ class OpenVINOEngine(SlotEngine):
         def spec(port: Any, i: int) -> TensorSpec:
             shape = port.get_partial_shape()
             dims = tuple(int(d.get_length()) if d.is_static else None for d in shape)
-            return TensorSpec(next(iter(port.get_names()), str(i)), dims, dtype_name(port.get_element_type().to_dtype()))
+            # A port's names are a set (NNCF / the IR reader add e.g. '/Squeeze_output_0' beside 'score'):
+            # sorted for a stable message, all of them matched against the manifest.
+            names = sorted(port.get_names()) or [str(i)]
+            return TensorSpec(names[0], dims, dtype_name(port.get_element_type().to_dtype()), tuple(names[1:]))
 
         return ([spec(p, i) for i, p in enumerate(self.compiled.inputs)],
                 [spec(p, i) for i, p in enumerate(self.compiled.outputs)])
