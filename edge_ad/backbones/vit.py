@@ -101,6 +101,17 @@ def _radio_filter(state_dict: StateDict, model: nn.Module, align_corners: bool) 
     )
 
 
+def _clip_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """OpenAI CLIP / timm layout -> timm keys; the 24 x 24 (336 px) position grid is resampled
+    **bilinearly** (no antialiasing, ``align_corners=False``) to the model's grid, as VisualAD's
+    reference does on every forward (``VisualAD_lib/VisualAD.py:140``: ``F.interpolate(patch_pos,
+    (new_side, new_side), mode='bilinear')``): a 518 px model gets the 37 x 37 grid the reference
+    trained with. At 336 px nothing is resampled."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(state_dict, model, interpolation="bilinear", antialias=False, align_corners=False)
+
+
 @dataclass(frozen=True)
 class ViTSpec:
     """How to build one registered ViT from timm.
@@ -265,7 +276,7 @@ _SPECS: dict[str, ViTSpec] = {
     "dinov3_vits16": ViTSpec("vit_small_patch16_dinov3", 16, *_IMAGENET, _dinov3_filter),
     "dinov3_vitb16": ViTSpec("vit_base_patch16_dinov3", 16, *_IMAGENET, _dinov3_filter),
     "dinov3_vitl16": ViTSpec("vit_large_patch16_dinov3", 16, *_IMAGENET, _dinov3_filter),
-    "clip_vitl14_336": ViTSpec("vit_large_patch14_clip_quickgelu_336", 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _dinov2_filter),
+    "clip_vitl14_336": ViTSpec("vit_large_patch14_clip_quickgelu_336", 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _clip_filter),
     # align_corners per release, as timm's factory: C-RADIOv3-B was released with True, -L with False.
     "radio_v3_b16": ViTSpec(
         "vit_base_patch16_radio_v3", 16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
