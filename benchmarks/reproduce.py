@@ -1,7 +1,8 @@
 """Reproduce a seed method's paper table with its ``paper`` preset, and print the paper's figure beside ours.
 
     python benchmarks/reproduce.py METHOD --data ROOT [--train-data AUX_ROOT] [--benchmark mvtec|visa]
-        [--weights BACKBONE_FILE] [--text-model CLIP_DIR] [--categories C ...] [--out DIR] [--json FILE]
+        [--weights BACKBONE_FILE] [--text-model CLIP_DIR] [--categories C ...] [--shots K] [--steps N]
+        [--out DIR] [--json FILE]
     python benchmarks/reproduce.py METHOD --tiny [--data ../shared/data/real] [--text-model CLIP_DIR]
 
 * ``foundad`` (few-shot, one model for every category): trains ``edge_ad.train(..., preset="paper")``
@@ -62,8 +63,8 @@ def _text_dim(text_model: str) -> int:
 
 def reproduce(method: str, data: Path, *, train_data: Path | None = None, benchmark: str = "mvtec",
               weights: str | None = None, text_model: str | None = None, categories: list[str] | None = None,
-              shots: int | None = None, out: Path = Path("runs/reproduce"), tiny: bool = False,
-              device: str = "auto") -> dict[str, Any]:
+              shots: int | None = None, steps: int | None = None, out: Path = Path("runs/reproduce"),
+              tiny: bool = False, device: str = "auto") -> dict[str, Any]:
     """Train ``method`` with its paper preset, evaluate every target category, compare with the paper.
 
     Returns:
@@ -90,6 +91,8 @@ def reproduce(method: str, data: Path, *, train_data: Path | None = None, benchm
             options["text_dim"] = _text_dim(text_model)
     if shots is not None:
         kwargs["shots"] = shots
+    if steps is not None:
+        kwargs["steps"] = steps
     kwargs["method_options"] = options
     run = out / method
     if run.exists():
@@ -146,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-model", default=None, help="avadino: local CLIP folder")
     parser.add_argument("--categories", nargs="+", default=None, help="evaluation categories (default: all)")
     parser.add_argument("--shots", type=int, default=None, help="foundad: shots per category (paper: 1, 2, 4)")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's steps (e.g. VisualAD "
+                        "VisA -> MVTec: 1 epoch = 271)")
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true", help="random-init tiny settings (CI, no weights)")
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = reproduce(args.method, args.data, train_data=args.train_data, benchmark=args.benchmark,
                        weights=args.weights, text_model=args.text_model, categories=args.categories,
-                       shots=args.shots, out=args.out, tiny=args.tiny, device=args.device)
+                       shots=args.shots, steps=args.steps, out=args.out, tiny=args.tiny, device=args.device)
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
