@@ -89,6 +89,13 @@ def test_anomalyvfm_paper_preset_matches_the_reference():
     assert cfg["mean_filter_size"] == 5 and cfg["smoothing_sigma"] == 0.0
     # aux_dataset.py:17  glob(f"{path}/train/*/*.png"): the generated set only, good and bad images
     assert tr["synthetic_fraction"] == 0.0 and tr["holdout_fraction"] == 0.0
+    # README.md:300  DINOv3: python train.py --model dinov3 --image-size 768 --train-steps 500
+    dino = preset_config("anomalyvfm", "paper", backbone="dinov3_vitl16")
+    assert dino["train"]["steps"] == 500 and dino["config"]["backbone"]["img_size"] == [768, 768]
+    # train.py:65-66  --image-size ... "For DINOv2 and CLIP we used 672 to get the same ftr size"
+    dinov2 = preset_config("anomalyvfm", "paper", backbone="dinov2_vitl14_reg")
+    assert dinov2["train"]["image_size"] == 672 and dinov2["config"]["backbone"]["img_size"] == [672, 672]
+    assert preset_config("anomalyvfm", "paper", backbone="dinov3_vitl16", steps=50)["train"]["steps"] == 50
 
 
 def test_visualad_paper_preset_matches_the_reference():

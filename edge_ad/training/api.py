@@ -242,7 +242,8 @@ def train(
         given = {"image_size": image_size, "layers": layers, "steps": steps, "batch_size": batch_size, "lr": lr,
                  "shots": shots, "synthetic_fraction": synthetic_fraction,
                  "synthetic_anomaly_prob": synthetic_anomaly_prob, "holdout_fraction": holdout_fraction}
-        filled = {k: (v if v is not None else chosen.train.get(k)) for k, v in given.items()}
+        preset_train = chosen.train_for(backbone)
+        filled = {k: (v if v is not None else preset_train.get(k)) for k, v in given.items()}
         image_size, layers, steps, batch_size, lr = (filled[k] for k in ("image_size", "layers", "steps",
                                                                          "batch_size", "lr"))
         shots, synthetic_fraction = filled["shots"], filled["synthetic_fraction"]

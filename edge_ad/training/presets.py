@@ -31,6 +31,8 @@ class Preset:
         options: method config fields (``method_options``).
         all_categories: few-shot (gradient) methods: with no ``category`` given, train one model
             on every category of the dataset (FoundAD's paper protocol).
+        per_backbone: ``train`` values that change when another backbone is chosen
+            (``--backbone``), e.g. AnomalyVFM's 500 steps for DINOv3; explicit arguments still win.
         hours: rough wall time of the recipe on the hardware in ``hardware`` (docs / hints).
         hardware: what ``hours`` was estimated for.
     """
@@ -42,8 +44,13 @@ class Preset:
     train: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     all_categories: bool = False
+    per_backbone: dict[str, dict[str, Any]] = field(default_factory=dict)
     hours: float | None = None
     hardware: str = ""
+
+    def train_for(self, backbone: str | None) -> dict[str, Any]:
+        """``train`` with the values of ``per_backbone[backbone]`` applied."""
+        return {**self.train, **self.per_backbone.get(backbone or self.backbone, {})}
 
 
 def _foundad() -> list[Preset]:
@@ -72,7 +79,11 @@ def _anomalyvfm() -> list[Preset]:
                "on a generated dataset only (good + defective), mean filter 5 on the 96x96 map", "radio_v3_l16",
                train={"image_size": 768, "layers": None, "steps": 200, "batch_size": 8, "lr": 1e-4,
                       "synthetic_fraction": 0.0, "holdout_fraction": 0.0, "synthetic_anomaly_prob": 1.0},
-               options={**common, "accumulate": 4}, hours=0.5, hardware="one 48 GB GPU"),
+               options={**common, "accumulate": 4}, hours=0.5, hardware="one 48 GB GPU",
+               # README.md:300 (DINOv3: 500 steps at 768); train.py:65-66 (DINOv2 / CLIP at 672 "to get the
+               # same ftr size"), DINOv2 trains 500 steps like DINOv3.
+               per_backbone={"dinov3_vitl16": {"steps": 500},
+                             "dinov2_vitl14_reg": {"steps": 500, "image_size": 672}}),
         Preset("anomalyvfm", "edge", "DINOv3 ViT-S/16 at 448, LoRA r8, 500 steps of 8 on auxiliary categories "
                "with on-the-fly CutPaste / Perlin anomalies", "dinov3_vits16",
                train={"image_size": 448, "layers": None, "steps": 500, "batch_size": 8, "lr": 1e-4,
@@ -156,7 +167,7 @@ def preset_config(method: str, name: str | None, *, backbone: str | None = None,
 
     entry = get_method(method)
     chosen = get_preset(method, name) if name is not None else None
-    train = dict(chosen.train) if chosen else {}
+    train = chosen.train_for(backbone) if chosen else {}
     train.update({k: v for k, v in train_kwargs.items() if v is not None})
     options = {**(chosen.options if chosen else {}), **(method_options or {})}
     default_spec = entry.config_class().backbone
