@@ -311,6 +311,11 @@ def test_eta_from_the_first_steps_and_the_cpu_hint(tmp_path, capsys):
     fit(_Slow(), lambda step, rank: 0.0, _slow_loss, FitConfig(steps=10, lr=0.1), tmp_path / "b",
         device=torch.device("cpu"), progress=True, eta_hint="hint: use --preset edge")
     assert "hint" not in capsys.readouterr().err  # a short run gets no hint
+    from edge_ad.training.presets import cpu_hint
+
+    # The hint names the CPU-sized preset, and there is none to name when it is already in use.
+    assert "--preset edge" in cpu_hint("foundad", None) and "--preset edge" in cpu_hint("visualad", "paper")
+    assert cpu_hint("foundad", "edge") == "" and cpu_hint("knn", None) == ""
 
 
 def test_train_max_minutes_leaves_a_usable_run(real_root, tmp_path):

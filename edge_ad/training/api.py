@@ -233,34 +233,20 @@ def train(
     """
     out = Path(out)
     entry = get_method(method)
-    all_categories = False
-    eta_hint = ""
-    if preset is not None:
-        from .presets import get_preset
+    from .presets import apply_preset, cpu_hint
 
-        chosen = get_preset(method, preset)
+    eta_hint = cpu_hint(method, preset)
+    all_categories = False
+    if preset is not None:
         given = {"image_size": image_size, "layers": layers, "steps": steps, "batch_size": batch_size, "lr": lr,
                  "shots": shots, "synthetic_fraction": synthetic_fraction,
                  "synthetic_anomaly_prob": synthetic_anomaly_prob, "holdout_fraction": holdout_fraction}
-        preset_train = chosen.train_for(backbone)
-        filled = {k: (v if v is not None else preset_train.get(k)) for k, v in given.items()}
+        filled, backbone, method_options, all_categories = apply_preset(method, preset, backbone, given,
+                                                                        method_options)
         image_size, layers, steps, batch_size, lr = (filled[k] for k in ("image_size", "layers", "steps",
                                                                          "batch_size", "lr"))
         shots, synthetic_fraction = filled["shots"], filled["synthetic_fraction"]
         synthetic_anomaly_prob, holdout_fraction = filled["synthetic_anomaly_prob"], filled["holdout_fraction"]
-        backbone = backbone or chosen.backbone
-        method_options = {**chosen.options, **(method_options or {})}
-        all_categories = chosen.all_categories
-        cheaper = [p for m, p in _cheaper_presets(method, preset)]
-        if cheaper:
-            eta_hint = (f"hint: on a CPU, `--preset {cheaper[0]}` is the cheaper recipe "
-                        f"(`edge-ad train --method {method} --preset {cheaper[0]} --print-config` lists it); "
-                        "or bound this run with --max-minutes")
-    else:
-        cheaper = [p for m, p in _cheaper_presets(method, None)]
-        if cheaper:
-            eta_hint = (f"hint: on a CPU, `--preset {cheaper[0]}` is a CPU-sized recipe for {method} "
-                        "(see docs/REPRODUCE.md); or bound this run with --max-minutes")
     backbone = backbone or entry.config_class().backbone.name
     shots = 8 if shots is None else (int(shots) or None)  # 0 = every good image
     if max_minutes is not None and not max_minutes > 0:
@@ -347,13 +333,6 @@ def train(
     finally:
         shutdown_distributed(dist_ctx)
     return out
-
-
-def _cheaper_presets(method: str, current: str | None) -> list[tuple[str, str]]:
-    """The CPU-sized presets of ``method`` other than ``current`` (for the long-run hint)."""
-    from .presets import PRESETS
-
-    return [(m, n) for (m, n), p in PRESETS.items() if m == method and n != current and "CPU" in p.hardware]
 
 
 __all__ = ["train", "TRAIN_LOG_FILE", "CONFIG_FILE", "MODEL_FILE"]

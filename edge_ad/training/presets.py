@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PRESETS", "Preset", "get_preset", "list_presets", "preset_config"]
+__all__ = ["PRESETS", "Preset", "apply_preset", "cpu_hint", "get_preset", "list_presets", "preset_config"]
 
 PRESET_NAMES = ("paper", "edge")
 
@@ -149,6 +149,31 @@ def get_preset(method: str, name: str) -> Preset:
             raise KeyError(f"method {method!r} has no presets; methods with presets: {', '.join(with_presets)}")
         raise KeyError(f"unknown preset {name!r} for {method!r}; choose one of: {', '.join(known)}")
     return PRESETS[(method, name)]
+
+
+def apply_preset(method: str, name: str, backbone: str | None, given: dict[str, Any],
+                 method_options: dict[str, Any] | None) -> tuple[dict[str, Any], str, dict[str, Any], bool]:
+    """Fill the ``train`` arguments left None from preset ``name`` (explicit values win).
+
+    Returns:
+        (filled ``given``, backbone name, method options (preset's updated by the caller's),
+        ``all_categories``).
+    """
+    chosen = get_preset(method, name)
+    values = chosen.train_for(backbone)
+    filled = {k: (v if v is not None else values.get(k)) for k, v in given.items()}
+    return filled, backbone or chosen.backbone, {**chosen.options, **(method_options or {})}, chosen.all_categories
+
+
+def cpu_hint(method: str, current: str | None) -> str:
+    """The line printed after the time estimate of a long CPU run: the CPU-sized preset to use
+    instead (empty when ``method`` has none, or ``current`` is it)."""
+    cheaper = [n for (m, n), p in PRESETS.items() if m == method and n != current and "CPU" in p.hardware]
+    if not cheaper:
+        return ""
+    return (f"hint: on a CPU, `--preset {cheaper[0]}` is the cheaper recipe for {method} "
+            f"(`edge-ad train --method {method} --preset {cheaper[0]} --print-config` lists it, docs/REPRODUCE.md "
+            "explains it); or bound this run with --max-minutes")
 
 
 def preset_config(method: str, name: str | None, *, backbone: str | None = None,
