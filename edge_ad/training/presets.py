@@ -66,7 +66,7 @@ def _foundad() -> list[Preset]:
         Preset("foundad", "edge", "EfficientNet-Lite0 at its default size, 8 shots per category, 300 steps, "
                "Gaussian sigma 4 (CPU-friendly)", "efficientnet_lite0",
                train={"image_size": None, "layers": None, "steps": 300, "batch_size": 8, "lr": 1e-3, "shots": 8},
-               options={**common, "smoothing_sigma": 4.0}, hours=0.3, hardware="2 CPU cores"),
+               options={**common, "smoothing_sigma": 4.0}, hours=1.0, hardware="2 CPU cores"),
     ]
 
 
