@@ -66,6 +66,8 @@ def test_foundad_paper_preset_matches_the_reference():
     assert cfg["cutpaste_hue_jitter"] == 0.5
     # foundad/src/utils/synthesis.py:160  width=[2, 16], height=[10, 25] in pixels of the 512-px input
     assert cfg["cutpaste_scar_side"] == 512.0
+    # foundad/src/utils/synthesis.py:119  generate_target_foreground_mask(img, subclass): per-class rules
+    assert cfg["class_foreground"] is True
 
 
 def test_anomalyvfm_paper_preset_matches_the_reference():
@@ -230,6 +232,28 @@ def test_cutpaste_scar_side_sets_the_scar_scale():
     assert 3.0 < sizes[256.0] / sizes[512.0] < 5.0
     with pytest.raises(ValueError, match="scar_side"):
         CutPaste(scar_side=0.0)
+
+
+def test_class_foreground_follows_the_reference_rules(real_root):
+    import cv2
+
+    from edge_ad.data import MVTecDataset
+    from edge_ad.synth.class_foreground import class_foreground
+
+    image = MVTecDataset(real_root, "mvtec_hazelnut_256", "train")[0].image
+    # synthesis.py:31-32: textures and busy objects paste anywhere.
+    assert class_foreground(image, "transistor").all() and class_foreground(image, "Carpet").all()
+    # synthesis.py:37-40: hazelnut = grey Triangle threshold (then 6x6 closing / opening, :77-80).
+    nut = class_foreground(image, "hazelnut")
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    _, direct = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_TRIANGLE)
+    assert 0.1 < nut.mean() < 0.9 and (nut == direct.astype(bool)).mean() > 0.97
+    assert grey[nut].mean() > grey[~nut].mean() + 25  # the brighter nut on the dark background
+    # synthesis.py:41-45: screw = inverted Otsu (a dark object on a bright background).
+    screw = class_foreground(image, "screw")
+    _, otsu = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    assert (screw == ~otsu.astype(bool)).mean() > 0.9  # morphology moves edges; not inverted would be < 0.1
+    assert class_foreground(image, "mvtec_hazelnut_256") is None  # no rule: the generic estimate is used
 
 
 def test_anomalyvfm_mean_filter_runs_on_the_decoder_map():
