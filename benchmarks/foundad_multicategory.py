@@ -1,7 +1,7 @@
 """FoundAD: one category-agnostic model for several categories vs one model per category.
 
     python benchmarks/foundad_multicategory.py [--data ../shared/data/real] [--steps 30] [--shots 8]
-        [--preset edge] [--out runs/foundad_multicategory] [--json FILE]
+        [--preset edge] [--image-size N] [--out runs/foundad_multicategory] [--json FILE]
 
 Trains ``edge_ad.train("foundad", ..., categories=[...])`` (= ``edge-ad train --method foundad
 --categories C1 C2 C3``: the paper's protocol, one model for all categories) and one model per
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="edge")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--shots", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=None, help="input side (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/foundad_multicategory"))
     parser.add_argument("--json", type=Path, default=None)
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from edge_ad import evaluate, train
 
-    common = dict(preset=args.preset, steps=args.steps, shots=args.shots, seed=args.seed, progress=False)
+    common = dict(preset=args.preset, steps=args.steps, shots=args.shots, seed=args.seed, image_size=args.image_size,
+                  progress=False)
     runs: dict[str, tuple[Path, list[str]]] = {"multi": (args.out / "multi", list(args.categories))}
     for c in args.categories:
         runs[c] = (args.out / f"single_{c}", [c])
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         for c in cats:
             report = evaluate(run, args.data, c, overlays=0, progress=False)
             rows[c]["multi" if name == "multi" else "single"] = report["metrics"]
-    print(f"\nFoundAD, preset {args.preset}, {args.steps} steps, {args.shots} shots per category, seed {args.seed}")
+    print(f"\nFoundAD, preset {args.preset}, {args.steps} steps, {args.shots} shots per category, seed {args.seed}, "
+          f"image size {args.image_size or 'preset'}")
     print("| category | pixel AUROC one model (3 categories) | pixel AUROC per-category model | "
           "image AUROC one model | image AUROC per-category model |")
     print("|---|---|---|---|---|")

@@ -66,6 +66,8 @@ def test_foundad_paper_preset_matches_the_reference():
     assert cfg["cutpaste_hue_jitter"] == 0.5
     # foundad/src/utils/synthesis.py:160  width=[2, 16], height=[10, 25] in pixels of the 512-px input
     assert cfg["cutpaste_scar_side"] == 512.0
+    # foundad/src/utils/synthesis.py:119  generate_target_foreground_mask(img, subclass): per-class rules
+    assert cfg["class_foreground"] is True
 
 
 def test_anomalyvfm_paper_preset_matches_the_reference():
@@ -89,6 +91,13 @@ def test_anomalyvfm_paper_preset_matches_the_reference():
     assert cfg["mean_filter_size"] == 5 and cfg["smoothing_sigma"] == 0.0
     # aux_dataset.py:17  glob(f"{path}/train/*/*.png"): the generated set only, good and bad images
     assert tr["synthetic_fraction"] == 0.0 and tr["holdout_fraction"] == 0.0
+    # README.md:300  DINOv3: python train.py --model dinov3 --image-size 768 --train-steps 500
+    dino = preset_config("anomalyvfm", "paper", backbone="dinov3_vitl16")
+    assert dino["train"]["steps"] == 500 and dino["config"]["backbone"]["img_size"] == [768, 768]
+    # train.py:65-66  --image-size ... "For DINOv2 and CLIP we used 672 to get the same ftr size"
+    dinov2 = preset_config("anomalyvfm", "paper", backbone="dinov2_vitl14_reg")
+    assert dinov2["train"]["image_size"] == 672 and dinov2["config"]["backbone"]["img_size"] == [672, 672]
+    assert preset_config("anomalyvfm", "paper", backbone="dinov3_vitl16", steps=50)["train"]["steps"] == 50
 
 
 def test_visualad_paper_preset_matches_the_reference():
@@ -225,6 +234,28 @@ def test_cutpaste_scar_side_sets_the_scar_scale():
         CutPaste(scar_side=0.0)
 
 
+def test_class_foreground_follows_the_reference_rules(real_root):
+    import cv2
+
+    from edge_ad.data import MVTecDataset
+    from edge_ad.synth.class_foreground import class_foreground
+
+    image = MVTecDataset(real_root, "mvtec_hazelnut_256", "train")[0].image
+    # synthesis.py:31-32: textures and busy objects paste anywhere.
+    assert class_foreground(image, "transistor").all() and class_foreground(image, "Carpet").all()
+    # synthesis.py:37-40: hazelnut = grey Triangle threshold (then 6x6 closing / opening, :77-80).
+    nut = class_foreground(image, "hazelnut")
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    _, direct = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_TRIANGLE)
+    assert 0.1 < nut.mean() < 0.9 and (nut == direct.astype(bool)).mean() > 0.97
+    assert grey[nut].mean() > grey[~nut].mean() + 25  # the brighter nut on the dark background
+    # synthesis.py:41-45: screw = inverted Otsu (a dark object on a bright background).
+    screw = class_foreground(image, "screw")
+    _, otsu = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    assert (screw == ~otsu.astype(bool)).mean() > 0.9  # morphology moves edges; not inverted would be < 0.1
+    assert class_foreground(image, "mvtec_hazelnut_256") is None  # no rule: the generic estimate is used
+
+
 def test_anomalyvfm_mean_filter_runs_on_the_decoder_map():
     from edge_ad.methods import build_detector
 
@@ -304,6 +335,11 @@ def test_eta_from_the_first_steps_and_the_cpu_hint(tmp_path, capsys):
     fit(_Slow(), lambda step, rank: 0.0, _slow_loss, FitConfig(steps=10, lr=0.1), tmp_path / "b",
         device=torch.device("cpu"), progress=True, eta_hint="hint: use --preset edge")
     assert "hint" not in capsys.readouterr().err  # a short run gets no hint
+    from edge_ad.training.presets import cpu_hint
+
+    # The hint names the CPU-sized preset, and there is none to name when it is already in use.
+    assert "--preset edge" in cpu_hint("foundad", None) and "--preset edge" in cpu_hint("visualad", "paper")
+    assert cpu_hint("foundad", "edge") == "" and cpu_hint("knn", None) == ""
 
 
 def test_train_max_minutes_leaves_a_usable_run(real_root, tmp_path):

@@ -134,6 +134,11 @@ def test_generate_dataset_end_to_end_and_resume(tiny_pipelines, tmp_path):
 
     aux = load_auxiliary(out, None, holdout_fraction=0.0, seed=0)
     assert sorted(aux.summary()["categories"]) == ["hazelnut", "metal_screw"]
+    # Clean normals are annotated samples too (test/good): the set alone has both labels.
+    assert {it.record.label for it in aux.annotated} == {0, 1}
+    assert sum(it.record.label == 0 for it in aux.annotated) == 6  # every normal, kept anomaly or not
+    for clean in out.rglob("test/good/*.png"):
+        assert np.array_equal(_read(clean), _read(clean.parent.parent.parent / "train" / "good" / clean.name))
 
 
 def test_filter_drops_samples_without_visible_change(tiny_pipelines, tmp_path):
@@ -203,6 +208,37 @@ def test_cheap_dataset_same_format(real_root, tmp_path):
         source = _rgb(sources[r["index"] // 2])
         assert np.array_equal((image != source).any(-1), mask)  # the mask is exactly the changed pixels
     assert generate_cheap_dataset(out, {"hazelnut": sources}, per_image=2, progress=False) == summary  # resumed
+
+
+def test_generated_set_alone_trains_anomalyvfm_with_both_labels(real_root, tmp_path):
+    """``edge-ad synth`` output as the only data (the AnomalyVFM paper preset's data mix:
+    synthetic_fraction 0, no hold-out): batches hold clean and defective images, so the image head
+    sees both labels, and a short run trains."""
+    import json
+
+    import torch
+
+    from edge_ad.methods import build_detector
+    from edge_ad.training import train
+    from edge_ad.training.supervised import _BatchMaker, load_auxiliary
+
+    sources = sorted((real_root / "mvtec_hazelnut_256" / "train" / "good").glob("*.png"))[:4]
+    out = tmp_path / "gen"
+    generate_cheap_dataset(out, {"hazelnut": sources}, synthesizer="cutpaste", per_image=1, progress=False)
+    aux = load_auxiliary(out, None, holdout_fraction=0.0, seed=0)
+    tiny = {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "init_values": 1.0}
+    options = {"adapter_rank": 4, "upsample_channels": 32, "norm_groups": 8, "accumulate": 1}
+    det = build_detector("anomalyvfm", backbone={"name": "dinov3_vits16", "img_size": 64, "overrides": tiny},
+                         **options)
+    maker = _BatchMaker(det, aux, batch_size=8, synthetic_fraction=0.0, seed=0, device=torch.device("cpu"))
+    labels = torch.cat([maker(step, 0).labels for step in range(3)])
+    assert 0 < labels.sum() < len(labels)  # both labels occur
+    run = train("anomalyvfm", "dinov3_vits16", out, None, tmp_path / "run", preset="paper", image_size=64,
+                steps=4, batch_size=4, pretrained=False, backbone_overrides=tiny, method_options=options,
+                device="cpu", progress=False)
+    log = json.loads((run / "train_log.json").read_text())
+    assert log["synthetic_fraction"] == 0.0 and log["split"]["holdout_annotated"] == 0
+    assert log["split"]["annotated"] == 8 and log["fit"]["end_step"] == 4
 
 
 def test_prompt_set_file(tmp_path):

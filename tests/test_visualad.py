@@ -280,3 +280,48 @@ def test_openvino_int8_and_jetson_qdq_bundles_reproduce_their_maps(visualad_run,
     for q in (maps, maps_q):
         r = np.corrcoef(q.ravel(), ref.ravel())[0, 1]
         assert r > 0.9, r
+
+
+def test_clip_at_518_interpolates_the_position_grid_bilinearly_and_exports(tmp_path, real_root):
+    """The paper preset's 518 px CLIP: the 24 x 24 grid of 336 px weights becomes 37 x 37 by bilinear
+    interpolation (VisualAD_lib/VisualAD.py:140), the CLS position stays, and VisualAD at that size
+    exports to one static ONNX graph whose map matches PyTorch on real images."""
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from edge_ad.backbones import build_backbone
+    from edge_ad.converters.export import export_onnx
+    from edge_ad.converters.fidelity import onnxruntime_runner
+    from edge_ad.data import MVTecDataset
+    from edge_ad.runtime.preprocessing import preprocess_batch
+
+    tiny = {"depth": 4, "embed_dim": 32, "num_heads": 2}
+    torch.manual_seed(0)
+    small = build_backbone("clip_vitl14_336", img_size=336, layers=[0, 1, 2, 3], **tiny)
+    with torch.no_grad():
+        small.model.pos_embed.normal_()  # a grid with structure, so the interpolation mode matters
+    weights = tmp_path / "clip336.safetensors"
+    save_file({k: v.contiguous() for k, v in small.model.state_dict().items()}, str(weights))
+    big = build_backbone("clip_vitl14_336", img_size=518, layers=[0, 1, 2, 3], weights=weights, **tiny)
+    old = small.model.pos_embed.detach()
+    grid = old[:, 1:].reshape(1, 24, 24, 32).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(37, 37), mode="bilinear", align_corners=False)
+    new = big.model.pos_embed.detach()
+    torch.testing.assert_close(new[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 37 * 37, 32))
+    torch.testing.assert_close(new[:, :1], old[:, :1])
+    bicubic = F.interpolate(grid, size=(37, 37), mode="bicubic", align_corners=False, antialias=True)
+    assert (bicubic - expected).abs().max() > 1e-2  # timm's default would differ
+
+    torch.manual_seed(0)
+    det = build_detector("visualad", backbone={"name": "clip_vitl14_336", "layers": [0, 1, 2, 3], "img_size": 518,
+                                               "weights": str(weights), "overrides": tiny}, key_pos_tokens=0).eval()
+    assert det.grid_size == (37, 37) and det.image_size == (518, 518)
+    images = [s.image for s in list(MVTecDataset(real_root, "mvtec_hazelnut_256", "test"))[:2]]
+    x = torch.from_numpy(preprocess_batch(images, det.preprocess_spec, color_order="rgb"))
+    path = export_onnx(det, tmp_path / "visualad518.onnx", validate_images=x.numpy())
+    maps, scores = onnxruntime_runner(path)(x.numpy())
+    with torch.no_grad():
+        ref = det(x)
+    assert maps.shape == (2, 1, 518, 518)
+    np.testing.assert_allclose(maps, ref.anomaly_map.numpy(), atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(scores, ref.score.numpy(), atol=1e-3, rtol=1e-3)

@@ -14,6 +14,7 @@ on the meta device (shapes and keys only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -86,13 +87,38 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+@contextlib.contextmanager
+def _clip_bilinear(name: str):
+    """transformers' CLIPVisionModel resamples its position grid bicubically; edge_ad resamples it
+    bilinearly as VisualAD's reference does (``_clip_filter``). Inside this block the reference's
+    ``F.interpolate`` call runs bilinear too, so the rest of the reference is compared unchanged.
+    Only the mode is switched: sizes, ``align_corners`` and everything else stay the reference's."""
+    if not name.startswith("clip"):
+        yield
+        return
+    import torch.nn.functional as F
+
+    real = F.interpolate
+
+    def bilinear(*args, **kwargs):
+        if kwargs.get("mode") == "bicubic":
+            kwargs["mode"] = "bilinear"
+        return real(*args, **kwargs)
+
+    F.interpolate = bilinear
+    try:
+        yield
+    finally:
+        F.interpolate = real
+
+
 def _assert_matches_reference(name: str, reference, weights, size: tuple[int, int]) -> None:
     """Patch maps of every block and the CLS token equal the reference's to RTOL (relative)."""
     _, norm_attr, prefix, p, _ = FAMILIES[name]
     backbone = _build(name, weights, size)
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
     kwargs = {"interpolate_pos_encoding": True} if name.startswith("clip") else {}
-    with torch.no_grad():
+    with torch.no_grad(), _clip_bilinear(name):
         features, global_token = backbone(x)
         hidden = reference(pixel_values=x, output_hidden_states=True, **kwargs).hidden_states
         norm = getattr(reference, norm_attr)

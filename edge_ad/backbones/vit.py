@@ -72,8 +72,15 @@ def _dinov2_filter(state_dict: StateDict, model: nn.Module, antialias: bool) -> 
 
 
 def _clip_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
-    """OpenAI / open_clip or timm layout -> timm, pos embed resampled bicubically without
-    antialiasing (transformers' ``CLIPVisionModel`` interpolation; OpenAI's code has none).
+    """OpenAI / open_clip or timm layout -> timm keys.
+
+    The 24 x 24 (336 px) position grid is resampled **bilinearly** (no antialiasing,
+    ``align_corners=False``) to the model's grid, as VisualAD's reference does on every forward
+    (``VisualAD_lib/VisualAD.py:140``: ``F.interpolate(patch_pos, (new_side, new_side),
+    mode='bilinear')``): a 518 px model gets the 37 x 37 grid the reference trained with. VisualAD
+    is the method that runs CLIP away from 336 px, so its reference decides; transformers'
+    ``CLIPVisionModel(interpolate_pos_encoding=True)`` resamples bicubically instead, which differs
+    at non-native sizes only (at 336 px nothing is resampled). OpenAI's own code has no resampling.
 
     The projection into the joint image-text space (OpenAI ``visual.proj``, timm's
     ``vit_*_clip_*.openai`` ``head``) is dropped: the backbone returns tokens of the vision
@@ -83,7 +90,7 @@ def _clip_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
 
     projection = ("visual.proj", "module.visual.proj", "head.weight", "head.bias")
     state_dict = {k: v for k, v in state_dict.items() if k not in projection}
-    return checkpoint_filter_fn(state_dict, model, antialias=False)
+    return checkpoint_filter_fn(state_dict, model, interpolation="bilinear", antialias=False, align_corners=False)
 
 
 def _dinov3_filter(state_dict: StateDict, model: nn.Module) -> StateDict:

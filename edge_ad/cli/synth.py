@@ -10,7 +10,7 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="output root (MVTec layout: OUT/<object>/{train/good,test/synthetic,ground_truth})")
+    parser.add_argument("out", help="output root (MVTec layout: OUT/<object>/{train/good,test/good,test/synthetic,ground_truth})")
     parser.add_argument("--text-to-image", required=True, help="local diffusers text-to-image pipeline folder "
                         "(e.g. FLUX.1-dev saved with save_pretrained)")
     parser.add_argument("--inpaint", required=True, help="local diffusers inpainting pipeline folder (e.g. FLUX.1-Fill-dev)")

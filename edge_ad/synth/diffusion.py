@@ -12,10 +12,16 @@
 Output (read unchanged by the zero-shot trainer and ``edge-ad evaluate``)::
 
     OUT/<object>/train/good/NNNNN.png                     stage (a)
+    OUT/<object>/test/good/NNNNN.png                      the same normals as clean annotated samples
     OUT/<object>/test/synthetic/NNNNN.png                 kept stage (b) images
     OUT/<object>/ground_truth/synthetic/NNNNN_mask.png    their stage (c) masks (0 / 255)
     OUT/manifest.jsonl                                    one JSON line per finished sample
     OUT/synth_config.json                                 the settings of the run
+
+The normals are also listed under ``test/good`` (a hard link, else a copy), so the generated set
+trains a zero-shot method on its own: the reference AnomalyVFM trains on every normal *and* its
+inpainted copy (``aux_dataset.py``: ``train/*/*.png``, label = "bad" in the path), about half clean
+images; without clean annotated samples the image head learns "always anomalous".
 
 Every random choice is seeded from ``(seed, object index, sample index, stage)``, so a run stopped
 anywhere and started again (``resume``) skips normals already on disk and samples already in the
@@ -294,6 +300,8 @@ def generate_dataset(
                          generator=generator, output_type="np", **extra)
             _save_png(_normal_path(out, prompts, (oi, obj, i)), _to_uint8(result.images[0], size))
         del t2i
+    for job in jobs:  # also for datasets written before test/good existed (resume adds them)
+        _link_clean_copy(_normal_path(out, prompts, job))
 
     # ---- stages (b) + (c): inpaint, filter, record
     done = {r["id"] for r in read_manifest(out)}
@@ -326,7 +334,8 @@ def generate_cheap_dataset(
     """The same MVTec-layout triplets without a generator: CutPaste / Perlin anomalies on given images.
 
     For a CPU box, or to mix cheap and generated data. Each source image is copied to
-    ``OUT/<category>/train/good/NNNNN.png``; ``per_image`` anomalous copies go to
+    ``OUT/<category>/train/good/NNNNN.png`` (and listed as a clean annotated sample in
+    ``test/good``, as :func:`generate_dataset` does); ``per_image`` anomalous copies go to
     ``test/synthetic`` with their exact masks (the changed pixels) in ``ground_truth/synthetic``;
     one manifest line per anomaly. Resumable like :func:`generate_dataset` (finished ids skipped).
 
@@ -359,6 +368,7 @@ def generate_cheap_dataset(
             good = folder / "train" / "good" / f"{i:05d}.png"
             if not good.is_file():
                 _save_png(good, image)
+            _link_clean_copy(good)
             for k in range(int(per_image)):
                 n = i * int(per_image) + k
                 sample_id = f"{PromptSet.folder(cat)}/{n:05d}"
@@ -432,6 +442,23 @@ def _inpaint_and_filter(out: Path, prompts: PromptSet, config: SynthConfig, pipe
 def _normal_path(out: Path, prompts: PromptSet, job: tuple[int, str, int]) -> Path:
     _, obj, i = job
     return out / PromptSet.folder(obj) / "train" / "good" / f"{i:05d}.png"
+
+
+def _link_clean_copy(normal: Path) -> None:
+    """``<object>/train/good/N.png`` -> ``<object>/test/good/N.png`` (hard link, else a copy), once."""
+    import shutil
+
+    target = normal.parent.parent.parent / "test" / "good" / normal.name
+    if target.is_file() or not normal.is_file():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(normal, tmp)
+    except OSError:  # another file system, or links not supported
+        shutil.copyfile(normal, tmp)
+    tmp.replace(target)
 
 
 def _sample_id(prompts: PromptSet, job: tuple[int, str, int]) -> str:

@@ -27,26 +27,35 @@ from .loop import TRAIN_STATE_FILE, FitConfig, fit, step_seed
 TRAIN_LOG_FILE = "train_log.json"
 
 
-def _load_good_images(data: str | Path, categories: Sequence[str], shots: int | None,
-                      seed: int) -> tuple[list[np.ndarray], list[str]]:
-    """The uint8 RGB training images of ``data/<category>/train/good`` for each category (k of each
-    when ``shots``; sampled with ``seed``, so one category's pick does not depend on the others)."""
+def _load_good_images(data: str | Path, category: str, shots: int | None, seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """The uint8 RGB training images of ``data/category/train/good`` (k of them when ``shots``)."""
     from edge_ad.data import MVTecDataset, sample_k_shot
 
+    dataset = MVTecDataset(data, category, split="train")
+    indices = sample_k_shot(len(dataset), shots, seed) if shots else list(range(len(dataset)))
+    samples = [dataset[i] for i in indices]
+    return [s.image for s in samples], [str(s.path) for s in samples]
+
+
+def _load_categories(data: str | Path, categories: Sequence[str], shots: int | None,
+                     seed: int) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """:func:`_load_good_images` of each category (k of each, each sampled with ``seed``): images,
+    paths and the category of each image."""
     images: list[np.ndarray] = []
     paths: list[str] = []
+    owners: list[str] = []
     for category in categories:
-        dataset = MVTecDataset(data, category, split="train")
-        indices = sample_k_shot(len(dataset), shots, seed) if shots else list(range(len(dataset)))
-        samples = [dataset[i] for i in indices]
-        images += [s.image for s in samples]
-        paths += [str(s.path) for s in samples]
-    return images, paths
+        imgs, ps = _load_good_images(data, category, shots, seed)
+        images += imgs
+        paths += ps
+        owners += [category] * len(imgs)
+    return images, paths, owners
 
 
 def _fit_gradient(
     detector: AnomalyDetector,
     images: list[np.ndarray],
+    categories: list[str],
     out: Path,
     *,
     steps: int,
@@ -64,6 +73,7 @@ def _fit_gradient(
     """Train a ``fit_mode == "gradient"`` method (FoundAD) with the generic loop."""
     from edge_ad.methods.foundad.loss import loss_fn
     from edge_ad.synth import CutPaste
+    from edge_ad.synth.class_foreground import class_foreground
     from edge_ad.synth.foreground import foreground_mask
 
     from .augment import ReferenceAugment
@@ -72,9 +82,11 @@ def _fit_gradient(
     spec = detector.preprocess_spec
     cutpaste = CutPaste(hue_jitter=cfg.cutpaste_hue_jitter, scar_side=cfg.cutpaste_scar_side)
     augment = ReferenceAugment() if cfg.augment else None
-    # Per image, computed once: the foreground mask CutPaste pastes into, and the clean target
-    # tokens (the encoder is frozen, so f(clean) never changes: caching it halves encoder work).
-    foregrounds = [foreground_mask(img) for img in images]
+    # Per image, computed once: the foreground mask CutPaste pastes into (the reference's rule for
+    # its category's class name when asked and known, else the generic estimate), and the clean
+    # target tokens (the encoder is frozen, so f(clean) never changes: caching it halves encoder work).
+    by_class = [class_foreground(img, cat) if cfg.class_foreground else None for img, cat in zip(images, categories)]
+    foregrounds = [fg if fg is not None else foreground_mask(img) for fg, img in zip(by_class, images)]
     with torch.no_grad():
         clean_all = torch.from_numpy(preprocess_batch(images, spec, color_order="rgb")).to(device)
         clean_tokens = torch.cat([detector.features(clean_all[i : i + 8]) for i in range(0, len(images), 8)])
@@ -119,7 +131,7 @@ def _fit_gradient(
                  progress=progress, description=f"train {detector.method}", eta_hint=eta_hint)
     return {"fit": result.to_dict(), "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": cfg.weight_decay,
                                                    "batch_size": batch_size, "steps": steps},
-            "augment": cfg.augment}
+            "augment": cfg.augment, "class_foreground_images": sum(fg is not None for fg in by_class)}
 
 
 def _train_supervised(
@@ -234,33 +246,20 @@ def train(
     """
     out = Path(out)
     entry = get_method(method)
-    all_categories = False
-    eta_hint = ""
-    if preset is not None:
-        from .presets import get_preset
+    from .presets import apply_preset, cpu_hint
 
-        chosen = get_preset(method, preset)
+    eta_hint = cpu_hint(method, preset)
+    all_categories = False
+    if preset is not None:
         given = {"image_size": image_size, "layers": layers, "steps": steps, "batch_size": batch_size, "lr": lr,
                  "shots": shots, "synthetic_fraction": synthetic_fraction,
                  "synthetic_anomaly_prob": synthetic_anomaly_prob, "holdout_fraction": holdout_fraction}
-        filled = {k: (v if v is not None else chosen.train.get(k)) for k, v in given.items()}
+        filled, backbone, method_options, all_categories = apply_preset(method, preset, backbone, given,
+                                                                        method_options)
         image_size, layers, steps, batch_size, lr = (filled[k] for k in ("image_size", "layers", "steps",
                                                                          "batch_size", "lr"))
         shots, synthetic_fraction = filled["shots"], filled["synthetic_fraction"]
         synthetic_anomaly_prob, holdout_fraction = filled["synthetic_anomaly_prob"], filled["holdout_fraction"]
-        backbone = backbone or chosen.backbone
-        method_options = {**chosen.options, **(method_options or {})}
-        all_categories = chosen.all_categories
-        cheaper = [p for m, p in _cheaper_presets(method, preset)]
-        if cheaper:
-            eta_hint = (f"hint: on a CPU, `--preset {cheaper[0]}` is the cheaper recipe "
-                        f"(`edge-ad train --method {method} --preset {cheaper[0]} --print-config` lists it); "
-                        "or bound this run with --max-minutes")
-    else:
-        cheaper = [p for m, p in _cheaper_presets(method, None)]
-        if cheaper:
-            eta_hint = (f"hint: on a CPU, `--preset {cheaper[0]}` is a CPU-sized recipe for {method} "
-                        "(see docs/REPRODUCE.md); or bound this run with --max-minutes")
     backbone = backbone or entry.config_class().backbone.name
     shots = 8 if shots is None else (int(shots) or None)  # 0 = every good image
     if max_minutes is not None and not max_minutes > 0:
@@ -324,7 +323,7 @@ def train(
                 (out / TRAIN_LOG_FILE).write_text(json.dumps(training, indent=2))
             barrier(dist_ctx)
             return out
-        images, image_paths = _load_good_images(data, fit_categories, shots, seed)
+        images, image_paths, image_categories = _load_categories(data, fit_categories, shots, seed)
         t0 = time.perf_counter()
         training: dict[str, Any] = {"data": str(data), "category": fit_categories[0] if len(fit_categories) == 1
                                     else None, "categories": fit_categories, "shots": shots, "seed": seed,
@@ -333,7 +332,7 @@ def train(
                                     **provenance}
         if entry.fit_mode == "gradient":
             training.update(_fit_gradient(
-                detector, images, out, steps=steps or cfg.steps, batch_size=batch_size or cfg.batch_size,
+                detector, images, image_categories, out, steps=steps or cfg.steps, batch_size=batch_size or cfg.batch_size,
                 lr=lr or cfg.lr, seed=seed, device=dev, resume=resume, amp=amp, dist_ctx=dist_ctx,
                 progress=progress, max_minutes=max_minutes, eta_hint=eta_hint))
         elif entry.fit_mode == "memory":
@@ -351,13 +350,6 @@ def train(
     finally:
         shutdown_distributed(dist_ctx)
     return out
-
-
-def _cheaper_presets(method: str, current: str | None) -> list[tuple[str, str]]:
-    """The CPU-sized presets of ``method`` other than ``current`` (for the long-run hint)."""
-    from .presets import PRESETS
-
-    return [(m, n) for (m, n), p in PRESETS.items() if m == method and n != current and "CPU" in p.hardware]
 
 
 __all__ = ["train", "TRAIN_LOG_FILE", "CONFIG_FILE", "MODEL_FILE"]

@@ -62,8 +62,8 @@ class ReferenceAugment:
     def __call__(self, image: np.ndarray, rng: np.random.Generator, mask: np.ndarray | None = None) -> AugmentResult:
         """Augment ``image`` (uint8 (H, W, 3)); ``mask`` ((H, W)) follows the geometric operations.
 
-        Both coins and both choices are always drawn, so the random stream does not depend on
-        which operations fire.
+        The coins, the choices, the rotation and the blur sigma are drawn up front; colour jitter
+        draws its factors from ``rng`` only when it fires. The result is deterministic in ``rng``.
         """
         from edge_ad.runtime._cv import require_cv2
         from edge_ad.synth.cutpaste import color_jitter

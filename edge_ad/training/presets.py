@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PRESETS", "Preset", "get_preset", "list_presets", "preset_config"]
+__all__ = ["PRESETS", "Preset", "apply_preset", "cpu_hint", "get_preset", "list_presets", "preset_config"]
 
 PRESET_NAMES = ("paper", "edge")
 
@@ -31,6 +31,8 @@ class Preset:
         options: method config fields (``method_options``).
         all_categories: few-shot (gradient) methods: with no ``category`` given, train one model
             on every category of the dataset (FoundAD's paper protocol).
+        per_backbone: ``train`` values that change when another backbone is chosen
+            (``--backbone``), e.g. AnomalyVFM's 500 steps for DINOv3; explicit arguments still win.
         hours: rough wall time of the recipe on the hardware in ``hardware`` (docs / hints).
         hardware: what ``hours`` was estimated for.
     """
@@ -42,8 +44,13 @@ class Preset:
     train: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     all_categories: bool = False
+    per_backbone: dict[str, dict[str, Any]] = field(default_factory=dict)
     hours: float | None = None
     hardware: str = ""
+
+    def train_for(self, backbone: str | None) -> dict[str, Any]:
+        """``train`` with the values of ``per_backbone[backbone]`` applied."""
+        return {**self.train, **self.per_backbone.get(backbone or self.backbone, {})}
 
 
 def _foundad() -> list[Preset]:
@@ -54,12 +61,12 @@ def _foundad() -> list[Preset]:
         Preset("foundad", "paper", "DINOv3 ViT-B/16 at 512, block 9, 1-shot, one model for all categories, "
                "no map smoothing (FoundAD reference code)", "dinov3_vitb16",
                train={"image_size": 512, "layers": (9,), "steps": 2000, "batch_size": 8, "lr": 1e-3, "shots": 1},
-               options={**common, "smoothing_sigma": 0.0}, all_categories=True, hours=1.0,
+               options={**common, "smoothing_sigma": 0.0, "class_foreground": True}, all_categories=True, hours=1.0,
                hardware="one 24 GB GPU"),
         Preset("foundad", "edge", "EfficientNet-Lite0 at its default size, 8 shots per category, 300 steps, "
                "Gaussian sigma 4 (CPU-friendly)", "efficientnet_lite0",
                train={"image_size": None, "layers": None, "steps": 300, "batch_size": 8, "lr": 1e-3, "shots": 8},
-               options={**common, "smoothing_sigma": 4.0}, hours=0.3, hardware="2 CPU cores"),
+               options={**common, "smoothing_sigma": 4.0}, hours=1.0, hardware="2 CPU cores"),
     ]
 
 
@@ -72,7 +79,11 @@ def _anomalyvfm() -> list[Preset]:
                "on a generated dataset only (good + defective), mean filter 5 on the 96x96 map", "radio_v3_l16",
                train={"image_size": 768, "layers": None, "steps": 200, "batch_size": 8, "lr": 1e-4,
                       "synthetic_fraction": 0.0, "holdout_fraction": 0.0, "synthetic_anomaly_prob": 1.0},
-               options={**common, "accumulate": 4}, hours=0.5, hardware="one 48 GB GPU"),
+               options={**common, "accumulate": 4}, hours=0.5, hardware="one 48 GB GPU",
+               # README.md:300 (DINOv3: 500 steps at 768); train.py:65-66 (DINOv2 / CLIP at 672 "to get the
+               # same ftr size"), DINOv2 trains 500 steps like DINOv3.
+               per_backbone={"dinov3_vitl16": {"steps": 500},
+                             "dinov2_vitl14_reg": {"steps": 500, "image_size": 672}}),
         Preset("anomalyvfm", "edge", "DINOv3 ViT-S/16 at 448, LoRA r8, 500 steps of 8 on auxiliary categories "
                "with on-the-fly CutPaste / Perlin anomalies", "dinov3_vits16",
                train={"image_size": 448, "layers": None, "steps": 500, "batch_size": 8, "lr": 1e-4,
@@ -140,6 +151,31 @@ def get_preset(method: str, name: str) -> Preset:
     return PRESETS[(method, name)]
 
 
+def apply_preset(method: str, name: str, backbone: str | None, given: dict[str, Any],
+                 method_options: dict[str, Any] | None) -> tuple[dict[str, Any], str, dict[str, Any], bool]:
+    """Fill the ``train`` arguments left None from preset ``name`` (explicit values win).
+
+    Returns:
+        (filled ``given``, backbone name, method options (preset's updated by the caller's),
+        ``all_categories``).
+    """
+    chosen = get_preset(method, name)
+    values = chosen.train_for(backbone)
+    filled = {k: (v if v is not None else values.get(k)) for k, v in given.items()}
+    return filled, backbone or chosen.backbone, {**chosen.options, **(method_options or {})}, chosen.all_categories
+
+
+def cpu_hint(method: str, current: str | None) -> str:
+    """The line printed after the time estimate of a long CPU run: the CPU-sized preset to use
+    instead (empty when ``method`` has none, or ``current`` is it)."""
+    cheaper = [n for (m, n), p in PRESETS.items() if m == method and n != current and "CPU" in p.hardware]
+    if not cheaper:
+        return ""
+    return (f"hint: on a CPU, `--preset {cheaper[0]}` is the cheaper recipe for {method} "
+            f"(`edge-ad train --method {method} --preset {cheaper[0]} --print-config` lists it, docs/REPRODUCE.md "
+            "explains it); or bound this run with --max-minutes")
+
+
 def preset_config(method: str, name: str | None, *, backbone: str | None = None,
                   method_options: dict[str, Any] | None = None, **train_kwargs: Any) -> dict[str, Any]:
     """Every value a ``train(method, ..., preset=name)`` call would use, as plain types.
@@ -156,7 +192,7 @@ def preset_config(method: str, name: str | None, *, backbone: str | None = None,
 
     entry = get_method(method)
     chosen = get_preset(method, name) if name is not None else None
-    train = dict(chosen.train) if chosen else {}
+    train = chosen.train_for(backbone) if chosen else {}
     train.update({k: v for k, v in train_kwargs.items() if v is not None})
     options = {**(chosen.options if chosen else {}), **(method_options or {})}
     default_spec = entry.config_class().backbone

@@ -59,7 +59,8 @@ class AnomalyVFMConfig(MethodConfig):
         use_confidence: False = plain ``mean(L_base)`` (ablation switch).
 
     Training (read by the supervised trainer):
-        steps: optimiser steps.
+        steps: optimiser steps (200: the reference's RADIO recipe, ``train.py:71``; its DINOv2 /
+            DINOv3 recipes use 500, README.md:300).
         batch_size: micro-batch size; ``batch_size * accumulate`` = 32 reproduces the reference.
         accumulate: micro-batches per optimiser step.
         lr, weight_decay: AdamW (1e-4, 1e-2).
@@ -89,7 +90,7 @@ class AnomalyVFMConfig(MethodConfig):
     l1_clip: tuple[float, float] = (0.1, 0.9)
     confidence_alpha: float = 0.1
     use_confidence: bool = True
-    steps: int = 5000
+    steps: int = 200
     batch_size: int = 8
     accumulate: int = 4
     lr: float = 1e-4

@@ -40,6 +40,10 @@ class FoundADConfig(MethodConfig):
             for brightness, contrast, saturation and hue, ``src/train.py:61``).
         cutpaste_scar_side: image side (pixels) at which the CutPaste scar sizes (2-16 x 10-25 px)
             apply; the reference draws them in pixels of its 512-pixel inputs.
+        class_foreground: paste inside the reference's per-class foreground rule when the
+            category folder is an MVTec AD / VisA class name
+            (:func:`edge_ad.synth.class_foreground.class_foreground`); other categories, or False,
+            use the generic foreground estimate.
     """
 
     backbone: BackboneSpec = field(
@@ -59,6 +63,7 @@ class FoundADConfig(MethodConfig):
     augment: bool = True
     cutpaste_hue_jitter: float = 0.5
     cutpaste_scar_side: float = 512.0
+    class_foreground: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,6 +88,7 @@ class FoundADConfig(MethodConfig):
         self.feature_dropout = float(self.feature_dropout)
         self.synthetic_prob = float(self.synthetic_prob)
         self.augment = bool(self.augment)
+        self.class_foreground = bool(self.class_foreground)
         self.cutpaste_hue_jitter = float(self.cutpaste_hue_jitter)
         self.cutpaste_scar_side = float(self.cutpaste_scar_side)
         if self.cutpaste_hue_jitter < 0 or not self.cutpaste_scar_side > 0:

@@ -1,4 +1,5 @@
-"""VisualAD configuration (defaults = the public reference code's CLIP ViT-L/14-336 setting)."""
+"""VisualAD configuration (defaults = the reference code's CLIP ViT-L/14-336 setting at its native 336 px;
+``--preset paper`` runs the reference's 518 px)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,11 +15,14 @@ class VisualADConfig(MethodConfig):
     scored by their cosine similarity to the two tokens at several depths.
 
     Reference setting (VisualAD public code, ``train.py`` / ``utils/training_utils.py``): CLIP
-    ViT-L/14 at 336 x 336, taps after blocks 6 / 12 / 18 / 24 (1-based; ``layers=(5, 11, 17, 23)``
+    ViT-L/14-336 run at **518 x 518** (``train.py:347``; its 24 x 24 position grid interpolated
+    bilinearly to 37 x 37, which ``clip_vitl14_336`` does once when loading weights at that size;
+    ``--preset paper``), taps after blocks 6 / 12 / 18 / 24 (1-based; ``layers=(5, 11, 17, 23)``
     here, 0-based like every edge_ad backbone), 4 anchor queries per cross-attention, residual scale
     0.01, dropout 0.1, AdamW (tokens at ``lr``, everything else at ``lr * rest_lr_ratio``, weight
     decay 0.01), cosine decay to 10 % of the lr, each token's gradient clipped to norm 1.0, batch 8,
-    Gaussian sigma 4 px, image score = mean of the top 1 % pixels. The language-free variant of the
+    Gaussian sigma 4 px, image score = mean of the top 1 % pixels. The default size here is CLIP's
+    native 336 px (``--preset edge``: 2.4x fewer tokens, and TopK stays under TensorRT's limit). The language-free variant of the
     paper swaps the backbone for any DINOv2 / DINOv3 registry ViT.
 
     Attributes:
