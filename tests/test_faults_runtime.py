@@ -430,20 +430,35 @@ def test_predict_batch_roi_errors_name_the_frame(onnx_bundle, frames):
         det.predict_batch(frames[:1], roi=[(0, 0, 0, 5)])
 
 
-def test_third_party_info_logs_go_to_the_file_not_the_console(tmp_path, capfd):
+def test_third_party_info_logs_go_to_the_file_not_the_console(tmp_path):
+    import io
+
     from edge_ad.logs import third_party_logs
 
-    with third_party_logs(tmp_path / "convert.log") as log:
-        nncf_logger = logging.getLogger("nncf")
-        nncf_logger.info("Not adding activation input quantizer for operation: 7 conv")
-        nncf_logger.warning("a real NNCF warning")
-    out = capfd.readouterr()
-    console = out.out + out.err
-    assert "Not adding activation input quantizer" not in console and "a real NNCF warning" in console
-    text = log.read_text()
-    assert "Not adding activation input quantizer" in text and "a real NNCF warning" in text
-    nncf_logger.info("after the block: the console again")
-    assert "after the block" in capfd.readouterr().out
+    # "The console" is a handler of our own on NNCF's logger: NNCF's stdout handler is bound to
+    # whatever sys.stdout was when nncf was first imported, which under pytest is an earlier test's
+    # capture, so capfd cannot see it reliably in a full run.
+    pytest.importorskip("nncf")  # NNCF's own Logger subclass, before the logger is taken
+    console = io.StringIO()
+    handler = logging.StreamHandler(console)
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf_logger.addHandler(handler)
+    nncf_logger.setLevel(logging.INFO)
+    try:
+        with third_party_logs(tmp_path / "convert.log") as log:
+            nncf_logger = logging.getLogger("nncf")
+            nncf_logger.info("Not adding activation input quantizer for operation: 7 conv")
+            nncf_logger.warning("a real NNCF warning")
+        text = console.getvalue()
+        assert "Not adding activation input quantizer" not in text and "a real NNCF warning" in text
+        logged = log.read_text()
+        assert "Not adding activation input quantizer" in logged and "a real NNCF warning" in logged
+        nncf_logger.info("after the block: the console again")
+        assert "after the block" in console.getvalue()
+    finally:
+        nncf_logger.removeHandler(handler)
+        nncf_logger.setLevel(level)
 
 
 def test_cli_convert_keeps_nncf_info_off_the_console(knn_run, real_root, tmp_path, capfd):
