@@ -15,6 +15,9 @@ from edge_ad.methods.knn import (
     k_center_greedy,
     nearest_neighbor_distance,
 )
+from edge_ad.methods.knn.config import KNNConfig
+from edge_ad.methods.common import fuse_feature_maps
+from edge_ad.methods.knn.model import bank_neighbors, reweighted_image_score
 
 from test_methods_contract import IMG, export_onnx, make_backbone, make_detector
 
@@ -83,6 +86,77 @@ def test_local_aggregation_is_3x3_mean_without_padding_bias() -> None:
     off = make_detector("knn", local_aggregation=1)
     with torch.no_grad():
         torch.testing.assert_close(off.patch_features(x), off.extract_features(x).flatten(2).transpose(1, 2))
+
+
+def test_pool_per_layer_aggregates_each_layer_before_fusing() -> None:
+    det = make_detector("knn", "cnn", local_aggregation=3, pool_per_layer=True)
+    x = torch.randn(1, 3, IMG, IMG)
+    with torch.no_grad():
+        features, _ = det.backbone(x)
+        assert len(features) >= 2  # the test needs two grids for the orders to differ
+        expected = fuse_feature_maps([det.aggregate(f) for f in features]).flatten(2).transpose(1, 2)
+        after = det.aggregate(det.extract_features(x)).flatten(2).transpose(1, 2)
+        got = det.patch_features(x)
+    torch.testing.assert_close(got, expected)
+    assert float((got - after).abs().max()) > 1e-3  # the order matters: not the fused-then-pooled features
+
+
+def test_bank_neighbors_match_brute_force() -> None:
+    g = torch.Generator().manual_seed(3)
+    bank = torch.randn(50, 8, generator=g) + 40.0  # large common offset: the centring keeps it exact
+    got = bank_neighbors(bank, 5, chunk=16)
+    brute = torch.cdist(bank.double(), bank.double()).topk(5, dim=1, largest=False).indices
+    assert got.shape == (50, 5) and torch.equal(got[:, 0], torch.arange(50))
+    assert torch.equal(got.sort(1).values, brute.sort(1).values)
+    assert bank_neighbors(bank[:3], 9).shape == (3, 3)  # k capped at the bank size
+
+
+def test_reweighted_image_score_follows_patchcore_formula() -> None:
+    g = torch.Generator().manual_seed(4)
+    bank = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    queries = torch.randn(2, 12, 6, generator=g, dtype=torch.float64) * 2
+    all_d = torch.cdist(queries, bank.expand(2, -1, -1))
+    dist, idx = all_d.min(-1)
+    nbrs = bank_neighbors(bank, 4)
+    got = reweighted_image_score(dist, idx, queries, bank, nbrs)
+    for b in range(2):  # the paper's steps, one image at a time
+        p = int(dist[b].argmax())
+        m = int(idx[b, p])
+        d = torch.stack([torch.dist(queries[b, p], bank[j]) for j in nbrs[m]])
+        expected = (1 - torch.softmax(d, 0)[0]) * dist[b, p]
+        torch.testing.assert_close(got[b], expected)
+        assert got[b] < dist[b].max()
+
+
+def test_knn_detector_reweights_image_score_and_exports() -> None:
+    det = make_detector("knn", "cnn", score_neighbors=3)
+    plain = make_detector("knn", "cnn", score_neighbors=1)
+    assert det.memory_bank_neighbors.shape == (det.bank_size, 3)
+    assert plain.memory_bank_neighbors.shape == (plain.bank_size, 0)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        raw, ref = det.forward_raw(x), plain.forward_raw(x)
+        feats = det.patch_features(x)
+        dist, idx = torch.cdist(feats, det.memory_bank.expand(2, -1, -1)).min(-1)
+        expected = reweighted_image_score(dist, idx, feats, det.memory_bank, det.memory_bank_neighbors)
+    torch.testing.assert_close(raw.score, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(raw.anomaly_map, ref.anomaly_map)  # maps do not depend on the re-weighting
+    assert bool((raw.score < ref.score).all())
+    data, _ = export_onnx(det, det.example_input())
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"images": x[:1].numpy()})  # the export has batch 1
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out[1]), det(x[:1]).score, rtol=1e-3, atol=1e-3)
+
+
+def test_knn_option_defaults_and_validation() -> None:
+    assert KNNConfig().score_neighbors == 1 and KNNConfig().pool_per_layer is False  # old checkpoints' behaviour
+    with pytest.raises(ValueError, match="score_neighbors"):
+        KNNConfig(score_neighbors=0)
+    with pytest.raises(TypeError, match="pool_per_layer"):
+        KNNConfig(pool_per_layer="yes")
 
 
 def test_fit_builds_coreset_bank_and_updates_config() -> None:

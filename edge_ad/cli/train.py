@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, help="local backbone weights (.safetensors/.pth); default: the "
                         "backbone's offline pretrained weights")
     parser.add_argument("--random-init", action="store_true", help="random backbone weights (smoke tests only)")
-    parser.add_argument("--image-size", type=image_size, default=None, help="N or HxW pixels, multiple of the stride")
+    parser.add_argument("--image-size", type=image_size, default=None, help="N or HxW pixels, multiple of the stride, or auto:N: about N*N pixels "
+                        "with the training frames' median aspect ratio (multiples of 32)")
     parser.add_argument("--layers", type=int_list, default=None, help="backbone layers, e.g. 9 or 2,3")
     parser.add_argument("--data", default=None, nargs="+", help="dataset root (MVTec layout); zero-shot methods "
                         "accept several roots (required unless --print-config)")

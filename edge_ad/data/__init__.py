@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import AnomalyDataset, Record, Sample, Subset, list_image_files, source_channels
 from .folder import FolderDataset
+from .frame_size import auto_image_size, is_auto_size, parse_auto_size, typical_aspect
 from .mvtec import MVTecDataset, list_categories
 from .sampling import k_shot_subset, sample_k_shot
 from .visa import VisADataset, list_visa_categories
@@ -26,4 +27,8 @@ __all__ = [
     "source_channels",
     "sample_k_shot",
     "k_shot_subset",
+    "auto_image_size",
+    "is_auto_size",
+    "parse_auto_size",
+    "typical_aspect",
 ]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from edge_ad.backbones.inspection import weights_provenance
+from edge_ad.data.frame_size import auto_image_size, is_auto_size, parse_auto_size
 from edge_ad.methods import AnomalyDetector, BackboneSpec, build_detector, get_method, save_checkpoint
 from edge_ad.methods.checkpoint import CONFIG_FILE, MODEL_FILE
 from edge_ad.runtime.preprocessing import preprocess_batch
@@ -184,7 +185,7 @@ def train(
     shots: int | None = None,
     weights: str | Path | None = None,
     pretrained: bool = True,
-    image_size: int | tuple[int, int] | None = None,
+    image_size: int | tuple[int, int] | str | None = None,
     layers: tuple[int, ...] | list[int] | None = None,
     steps: int | None = None,
     batch_size: int | None = None,
@@ -226,7 +227,9 @@ def train(
         weights: local backbone weights file (``.safetensors`` / ``.pth``); overrides ``pretrained``.
         pretrained: load the backbone's default weights offline (hub cache / bundled package);
             False = random init (only useful for tests).
-        image_size: input size in pixels (int or (H, W)); None = the method / backbone default.
+        image_size: input size in pixels (int or (H, W)); None = the method / backbone default;
+            ``"auto:N"`` = about N*N pixels with the median aspect ratio of the category's
+            ``train/good`` frames, sides multiples of 32 (:func:`edge_ad.data.auto_image_size`).
         layers: backbone layers to use; None = the method's default.
         steps, batch_size, lr: optimisation overrides for gradient-trained methods (defaults from
             the method config).
@@ -288,6 +291,12 @@ def train(
     elif entry.loss_fn is None:
         raise RuntimeError(f"method {method!r} is supervised but its METHOD entry has no loss_fn")
     options = dict(method_options or {})
+    if is_auto_size(image_size):
+        if category is None or not isinstance(data, (str, Path)):
+            raise ValueError(f"image_size={image_size!r} reads the frames of one category: pass data and category")
+        from edge_ad.data import MVTecDataset
+
+        image_size = auto_image_size(MVTecDataset(data, category, split="train").paths, parse_auto_size(image_size))
     spec_fields: dict[str, Any] = {"name": backbone, "pretrained": bool(pretrained and weights is None),
                                    "weights": str(weights) if weights is not None else None,
                                    "overrides": dict(backbone_overrides or {})}

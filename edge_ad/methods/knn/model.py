@@ -8,12 +8,12 @@ from torch import nn
 
 from edge_ad.backbones.base import Backbone
 
-from ..base import AnomalyDetector
-from ..common import iterate_image_batches
+from ..base import AnomalyDetector, DetectorOutput
+from ..common import fuse_feature_maps, iterate_image_batches, upsample_to
 from .config import KNNConfig
 from .coreset import coreset_size, k_center_greedy
 
-__all__ = ["KNNDetector", "nearest_neighbor_distance"]
+__all__ = ["KNNDetector", "bank_neighbors", "nearest_neighbor", "nearest_neighbor_distance", "reweighted_image_score"]
 
 
 def nearest_neighbor_distance(
@@ -43,22 +43,103 @@ def nearest_neighbor_distance(
     Returns:
         (B, N) distances, in feature units.
     """
+    d2 = _squared_distances(queries, bank, bank_sq_norm, center)
+    return torch.clamp(d2.min(dim=-1).values, min=0.0).sqrt()
+
+
+def _squared_distances(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq_norm: torch.Tensor | None, center: torch.Tensor | None
+) -> torch.Tensor:
+    """(B, N, M) squared distances by the matmul expansion (see :func:`nearest_neighbor_distance`)."""
     if center is not None:
         queries = queries - center
         bank = bank - center  # constant-folded into the initializer at ONNX export
     if bank_sq_norm is None:
         bank_sq_norm = bank.pow(2).sum(dim=1)
     q_sq = queries.pow(2).sum(dim=-1, keepdim=True)  # (B, N, 1)
-    d2 = q_sq + bank_sq_norm - 2.0 * torch.matmul(queries, bank.t())  # (B, N, M)
-    return torch.clamp(d2.min(dim=-1).values, min=0.0).sqrt()
+    return q_sq + bank_sq_norm - 2.0 * torch.matmul(queries, bank.t())
+
+
+def nearest_neighbor(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_sq_norm: torch.Tensor,
+    center: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nearest_neighbor_distance` plus the index of the nearest bank entry.
+
+    Args: as :func:`nearest_neighbor_distance` (``bank_sq_norm`` and ``center`` precomputed).
+
+    Returns:
+        ((B, N) distances in feature units, (B, N) int64 indices into ``bank``).
+    """
+    best = _squared_distances(queries, bank, bank_sq_norm, center).min(dim=-1)
+    return torch.clamp(best.values, min=0.0).sqrt(), best.indices
+
+
+@torch.no_grad()
+def bank_neighbors(bank: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """Indices (M, k) of every bank entry's ``k`` nearest bank entries, itself first.
+
+    Precomputed at fit time so the image-score re-weighting costs one gather at inference instead
+    of a second search over the bank. Rows are processed ``chunk`` at a time (memory O(chunk x M)).
+    """
+    k = min(int(k), bank.shape[0])
+    center = bank.double().mean(dim=0).float()
+    b = bank - center
+    sq = b.pow(2).sum(dim=1)
+    out = []
+    for start in range(0, b.shape[0], chunk):
+        rows = b[start : start + chunk]
+        d2 = sq[start : start + chunk, None] + sq[None, :] - 2.0 * rows @ b.t()
+        # Exact self match first, whatever the rounding of the expansion.
+        d2[torch.arange(rows.shape[0]), torch.arange(start, start + rows.shape[0])] = -1.0
+        out.append(d2.topk(k, dim=1, largest=False).indices)
+    return torch.cat(out)
+
+
+def reweighted_image_score(
+    distances: torch.Tensor,
+    indices: torch.Tensor,
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    neighbors: torch.Tensor,
+) -> torch.Tensor:
+    """PatchCore's image score (Roth et al. 2022, eq. 7): ``s = (1 - softmax(d)[0]) * s*``.
+
+    ``s*`` is the largest patch distance of the image, ``m*`` that patch's nearest bank entry and
+    ``d`` the distances of the patch to ``m*`` and to ``m*``'s nearest bank neighbours
+    (``neighbors[m*]``, itself first). Only static-shape ops (ArgMax, Gather, MatMul, Softmax):
+    it exports to ONNX and quantises like the rest of the graph.
+
+    Args:
+        distances: (B, N) nearest-neighbour distance per patch.
+        indices: (B, N) int64 nearest bank entry per patch.
+        queries: (B, N, C) patch features.
+        bank: (M, C) memory bank.
+        neighbors: (M, K) int64 from :func:`bank_neighbors`.
+
+    Returns:
+        (B,) image scores, in feature units (<= the largest patch distance).
+    """
+    top = distances.argmax(dim=1, keepdim=True)  # (B, 1)
+    s_star = torch.gather(distances, 1, top).squeeze(1)  # (B,)
+    m_star = torch.gather(indices, 1, top).squeeze(1)  # (B,)
+    feat = torch.gather(queries, 1, top.unsqueeze(-1).expand(-1, 1, queries.shape[-1]))  # (B, 1, C)
+    support = bank[neighbors[m_star]]  # (B, K, C)
+    d = (support - feat).pow(2).sum(dim=-1).clamp_min(0.0).sqrt()  # (B, K)
+    weight = 1.0 - torch.softmax(d, dim=1)[:, 0]
+    return weight * s_star
 
 
 class KNNDetector(AnomalyDetector):
     """PatchCore-style detector.
 
-    Patch features (fused layers, optionally averaged over a ``local_aggregation`` neighbourhood)
-    of good images form a memory bank, subsampled by k-center greedy; a test patch's score is the
-    distance to its nearest bank entry, the image score is the largest patch score.
+    Patch features (layers averaged over a ``local_aggregation`` neighbourhood, each layer before
+    fusing with ``pool_per_layer``, else the fused map) of good images form a memory bank,
+    subsampled by k-center greedy; a test patch's score is the distance to its nearest bank entry,
+    the image score the largest patch score, re-weighted as PatchCore does when
+    ``score_neighbors > 1`` (:func:`reweighted_image_score`).
 
     Fitting (``fit_mode = "memory"``)::
 
@@ -76,6 +157,8 @@ class KNNDetector(AnomalyDetector):
         memory_bank_center: (C,) mean of the bank; queries and bank are shifted by it before the
             matmul distance (precision, see :func:`nearest_neighbor_distance`).
         memory_bank_sq_norm: (M,) ``||b - center||^2`` of every entry, precomputed.
+        memory_bank_neighbors: (M, K) int64, every entry's K = min(score_neighbors, M) nearest
+            entries, itself first (only used when ``score_neighbors > 1``).
     """
 
     method = "knn"
@@ -94,6 +177,8 @@ class KNNDetector(AnomalyDetector):
         self.register_buffer("memory_bank", torch.zeros(cfg.bank_size, self.feature_dim))
         self.register_buffer("memory_bank_center", torch.zeros(self.feature_dim))
         self.register_buffer("memory_bank_sq_norm", torch.zeros(cfg.bank_size))
+        k = min(cfg.score_neighbors, cfg.bank_size) if cfg.score_neighbors > 1 else 0
+        self.register_buffer("memory_bank_neighbors", torch.zeros(cfg.bank_size, k, dtype=torch.int64))
 
     @property
     def bank_size(self) -> int:
@@ -102,7 +187,13 @@ class KNNDetector(AnomalyDetector):
     # ------------------------------------------------------------------ features
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """Aggregated patch features (B, N, C) of images (B, 3, H, W), N = h * w row-major."""
-        return self.aggregate(self.extract_features(images)).flatten(2).transpose(1, 2)
+        cfg: KNNConfig = self.config  # type: ignore[assignment]
+        if cfg.pool_per_layer:
+            features, _ = self.backbone(images)
+            fused = fuse_feature_maps([self.aggregate(f) for f in features])
+        else:
+            fused = self.aggregate(self.extract_features(images))
+        return fused.flatten(2).transpose(1, 2)
 
     # ------------------------------------------------------------------ fitting
     @torch.no_grad()
@@ -167,20 +258,40 @@ class KNNDetector(AnomalyDetector):
         self.memory_bank = bank
         self.memory_bank_center = center.float()
         self.memory_bank_sq_norm = (bank.double() - center).pow(2).sum(dim=1).float()
+        k = self.config.score_neighbors  # type: ignore[attr-defined]
+        self.memory_bank_neighbors = (
+            bank_neighbors(bank, k) if k > 1 else torch.zeros(bank.shape[0], 0, dtype=torch.int64, device=bank.device)
+        )
         self.config = self.config.replace(bank_size=int(bank.shape[0]))
 
     # ------------------------------------------------------------------ inference
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
         """Nearest-neighbour distance of every patch, (B, 1, h, w), in feature units."""
-        if self.memory_bank.shape[0] == 0:  # static shape, not data: export-safe
-            raise RuntimeError("the knn memory bank is empty: call detector.fit(good_images) first")
+        self._check_fitted()
         queries = self.patch_features(images)
         dist = nearest_neighbor_distance(queries, self.memory_bank, self.memory_bank_sq_norm, self.memory_bank_center)
         return dist.reshape(-1, 1, *self.grid_size)
 
     def image_score(self, patch_scores: torch.Tensor) -> torch.Tensor:
-        """Largest patch score, (B,)."""
+        """Largest patch score, (B,) (the score without re-weighting; :meth:`forward_raw` applies it)."""
         return patch_scores.flatten(1).max(dim=1).values
+
+    def forward_raw(self, images: torch.Tensor) -> DetectorOutput:
+        """Map from the patch distances; image score re-weighted when ``score_neighbors > 1``."""
+        cfg: KNNConfig = self.config  # type: ignore[assignment]
+        if cfg.score_neighbors <= 1:
+            return super().forward_raw(images)
+        self.check_images(images)
+        self._check_fitted()
+        queries = self.patch_features(images)
+        dist, idx = nearest_neighbor(queries, self.memory_bank, self.memory_bank_sq_norm, self.memory_bank_center)
+        score = reweighted_image_score(dist, idx, queries, self.memory_bank, self.memory_bank_neighbors)
+        patches = dist.reshape(-1, 1, *self.grid_size)
+        return DetectorOutput(self.smoother(upsample_to(patches, self.image_size)), score)
+
+    def _check_fitted(self) -> None:
+        if self.memory_bank.shape[0] == 0:  # static shape, not data: export-safe
+            raise RuntimeError("the knn memory bank is empty: call detector.fit(good_images) first")
 
     def extra_repr(self) -> str:
         return f"grid={self.grid_size}, feature_dim={self.feature_dim}, bank_size={self.bank_size}"
