@@ -261,7 +261,7 @@ def run_edge_ad(model: str, shots_root: Path, data: Path, category: str, out: Pa
         shutil.rmtree(run)
     t0 = time.perf_counter()
     options = {} if model != "knn" else dict(args.knn_options)
-    train(model, "efficientnet_lite0", shots_root, category, run, shots=None, image_size=size,
+    train(model, "efficientnet_lite0", shots_root, category, run, shots=0, image_size=size,
           layers=LAYERS[model], steps=args.foundad_steps if model == "foundad" else None, progress=False,
           method_options=options)
     fit_s = time.perf_counter() - t0

@@ -55,7 +55,7 @@ def test_train_resolves_auto_size(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (100, 250, 3), np.uint8)).save(good / f"{i}.png")
-    run = train("knn", "efficientnet_lite0", tmp_path / "data", "part", tmp_path / "run", shots=None,
+    run = train("knn", "efficientnet_lite0", tmp_path / "data", "part", tmp_path / "run", shots=0,
                 image_size="auto:64", layers=[2], pretrained=False, progress=False)
     det = load_detector(run)
     assert det.image_size == (32, 96)  # 64 / sqrt(2.5) = 40.5 -> 32; 64 * sqrt(2.5) = 101 -> 96
