@@ -15,8 +15,23 @@ def key_value(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
+def pixel_size(text: str) -> int | tuple[int, int]:
+    """``N`` or ``HxW`` (positive pixels): a frame or input size."""
+    try:
+        if "x" in text.lower():
+            h, w = text.lower().split("x")
+            size: int | tuple[int, int] = (int(h), int(w))
+        else:
+            size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must be N or HxW in pixels (e.g. 480x640), got {text!r}") from None
+    if min(size if isinstance(size, tuple) else (size,)) < 1:
+        raise argparse.ArgumentTypeError(f"image size must be positive (e.g. 480x640), got {text!r}")
+    return size
+
+
 def image_size(text: str) -> int | tuple[int, int] | str:
-    """``N`` or ``HxW`` (pixels), or ``auto:N`` (kept as text: resolved from the data's frames)."""
+    """A training input size: :func:`pixel_size`, or ``auto:N`` (kept as text: resolved from the data's frames)."""
     if text.lower().startswith("auto:"):
         from edge_ad.data.frame_size import parse_auto_size
 
@@ -26,16 +41,12 @@ def image_size(text: str) -> int | tuple[int, int] | str:
             raise argparse.ArgumentTypeError(str(exc)) from None
         return text.lower()
     try:
-        if "x" in text.lower():
-            h, w = text.lower().split("x")
-            size: int | tuple[int, int] = (int(h), int(w))
-        else:
-            size = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"image size must be N, HxW (pixels, e.g. 480x640) or auto:N, got {text!r}") from None
-    if min(size if isinstance(size, tuple) else (size,)) < 1:
-        raise argparse.ArgumentTypeError(f"image size must be positive (e.g. 480x640), got {text!r}")
-    return size
+        return pixel_size(text)
+    except argparse.ArgumentTypeError as exc:
+        if "positive" in str(exc):
+            raise
+        raise argparse.ArgumentTypeError(f"image size must be N or HxW in pixels (e.g. 480x640), or auto:N, "
+                                         f"got {text!r}") from None
 
 
 def int_list(text: str) -> list[int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._parse import image_size
+from ._parse import pixel_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-resolution", choices=("frame", "model", "lazy"), default="frame",
                         help="Result maps: frame (default), model, or lazy (made on first access; regions at model "
                              "resolution)")
-    parser.add_argument("--frame-size", type=image_size, default=(480, 640),
+    parser.add_argument("--frame-size", type=pixel_size, default=(480, 640),
                         help="HxW of the synthetic frames (default 480x640)")
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ._parse import image_size, int_list, key_value
+from ._parse import int_list, key_value, pixel_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the trained teacher's run directory")
     parser.add_argument("--student", required=True, help="student backbone registry name, e.g. efficientnet_lite0, "
                         "dinov3_vits16, dinov2_vits14")
-    parser.add_argument("--image-size", type=image_size, default=None, help="student input N or HxW pixels")
+    parser.add_argument("--image-size", type=pixel_size, default=None, help="student input N or HxW pixels")
     parser.add_argument("--layers", type=int_list, default=None, help="student backbone layers, e.g. 2,3")
     parser.add_argument("--data", required=True, help="dataset root (MVTec layout)")
     parser.add_argument("--category", required=True, help="category folder inside --data")
