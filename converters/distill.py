@@ -16,7 +16,11 @@ The result is an ordinary run directory (``model.safetensors`` + ``config.yaml``
   ``config.yaml`` / ``model.safetensors``), also recorded in ``config.yaml`` (``config.teacher``);
 * ``fidelity.json``: teacher vs student on the category's test split in the format of the
   conversion fidelity report (:class:`~edge_ad.converters.fidelity.FidelityReport`): map
-  Pearson / cosine, score correlation, image / pixel AUROC of both and their delta.
+  Pearson / cosine, score correlation, image / pixel AUROC of both and their delta, plus
+  ``extra.retained`` (student / teacher AUROC) and the verdict against ``min_retained``.
+
+``min_retained`` turns the report into a gate: below the floor :func:`distill` still writes the
+run, then raises :class:`DistillationBelowFloorError` (``edge-ad distill --min-retained`` exits 3).
 
 Training reuses :func:`edge_ad.training.loop.fit` (step-seeded batches, progress bar,
 ``train_state.pt`` checkpoints and ``resume``, DDP under ``torchrun``, AMP on CUDA).
@@ -31,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DISTILL_FIDELITY_FILE", "distill", "distillation_fidelity"]
+__all__ = ["DISTILL_FIDELITY_FILE", "DistillationBelowFloorError", "distill", "distillation_fidelity",
+           "retained_fidelity"]
 
 #: Teacher-vs-student fidelity report written into the student run directory.
 DISTILL_FIDELITY_FILE = "fidelity.json"
@@ -222,6 +227,85 @@ def distillation_fidelity(teacher: Any, student: Any, data: str | Path, category
     )
 
 
+class DistillationBelowFloorError(RuntimeError):
+    """The student keeps less of its teacher's AUROC than ``min_retained`` (or it cannot be measured).
+
+    The student run is fully written (checkpoint, ``train_log.json``, ``fidelity.json``) before
+    this is raised, so nothing is lost: inspect it, or retrain with the fix the message names.
+
+    Attributes:
+        out: the student run directory.
+        verdict: :func:`retained_fidelity`'s dict (teacher / student AUROC, ``retained``,
+            ``gated_on``, ``min_retained``, ``ok``).
+    """
+
+    def __init__(self, out: Path, verdict: dict[str, Any]) -> None:
+        self.out = Path(out)
+        self.verdict = verdict
+        super().__init__(_floor_reason(out, verdict))
+
+
+def _floor_reason(out: Path, v: dict[str, Any]) -> str:
+    """One line: what missed the floor, by how much, and what to change."""
+    fix = ("more --steps, a bigger student (--student / --set head_depth=N), or the teacher's "
+           f"--image-size {v['teacher_image_size'][0]}x{v['teacher_image_size'][1]}")
+    if not v["gated_on"]:
+        return (f"student {out} not verified: the test split has no defective images with labels/masks, so the "
+                f"retained AUROC (floor {v['min_retained']:g}) cannot be measured; add defective test images "
+                "or drop --min-retained")
+    missed = [f"{name} {v[name]['retained']:.1%} ({v[name]['teacher']:.4f} -> {v[name]['student']:.4f})"
+              for name in v["gated_on"] if not v[name]["retained"] >= v["min_retained"]]
+    return (f"student {out} below the floor: keeps {', '.join(missed)} of the teacher's AUROC "
+            f"< min_retained {v['min_retained']:g}; try {fix}")
+
+
+def retained_fidelity(report: Any, min_retained: float | None, teacher_image_size: tuple[int, int]) -> dict[str, Any]:
+    """Teacher vs student AUROC ratios from a :func:`distillation_fidelity` report, and the verdict.
+
+    ``retained = student AUROC / teacher AUROC`` (a fraction, 1.0 = as good as the teacher). The
+    gate requires *every* measurable ratio (pixel AUROC when the test split has masks, image AUROC
+    when it has good and defective images) to reach the floor: the student's image score comes
+    from its own head and can collapse while its maps hold (the tiny test pair: pixel 1.02, image
+    0.25), and a deployed detector decides on both. ``ok`` is None when no floor was asked for,
+    False when the floor is missed or nothing could be measured (no defective test images).
+
+    Returns:
+        ``{"image_auroc"|"pixel_auroc": {"teacher", "student", "retained"}, "map_pearson_r",
+        "num_good", "num_defective", "gated_on" (list of metric names), "min_retained", "ok",
+        "teacher_image_size"}``.
+    """
+    out: dict[str, Any] = {}
+    for name in ("image_auroc", "pixel_auroc"):
+        m = report.metrics.get(name)
+        if m is not None:
+            t, s = float(m["reference"]), float(m["candidate"])
+            out[name] = {"teacher": t, "student": s, "retained": s / t if t > 0 else float("nan")}
+    gated_on = list(out)
+    defective = report.num_anomalous
+    ok = None
+    if min_retained is not None:
+        ok = bool(gated_on) and all(bool(out[name]["retained"] >= min_retained) for name in gated_on)
+    out.update({"map_pearson_r": float(report.map["pearson_r"]),
+                "num_good": report.num_images - (defective or 0), "num_defective": defective,
+                "gated_on": gated_on, "min_retained": min_retained, "ok": ok,
+                "teacher_image_size": [int(v) for v in teacher_image_size]})
+    return out
+
+
+def _verdict_line(v: dict[str, Any]) -> str:
+    """The end-of-run summary: held-out counts, AUROC teacher -> student (retained), verdict."""
+    parts = [f"teacher vs student on {v['num_good']} held-out good"
+             + (f" + {v['num_defective']} defective" if v["num_defective"] else "") + " test images:",
+             f"map r {v['map_pearson_r']:.3f}"]
+    for name in ("pixel_auroc", "image_auroc"):
+        if name in v:
+            m = v[name]
+            parts.append(f"{name} {m['teacher']:.4f} -> {m['student']:.4f} (retained {m['retained']:.1%})")
+    verdict = {None: "report only (no --min-retained)", True: f"ok (>= {v['min_retained']})",
+               False: f"BELOW FLOOR {v['min_retained']}"}[v["ok"]]
+    return " ".join(parts[:1]) + " " + ", ".join(parts[1:]) + f"; verdict: {verdict}"
+
+
 def distill(
     run_dir: str | Path,
     student: str,
@@ -245,6 +329,7 @@ def distill(
     student_overrides: dict[str, Any] | None = None,
     student_options: dict[str, Any] | None = None,
     fidelity: bool = True,
+    min_retained: float | None = None,
 ) -> Path:
     """Distil the detector in ``run_dir`` (the teacher) into a ``student`` run in ``out``.
 
@@ -271,6 +356,11 @@ def distill(
         student_options: other :class:`StudentConfig` fields (``head_dim``, ``feature_weight``, ...).
         fidelity: write ``fidelity.json`` (teacher vs student on the test split) when the category
             has one.
+        min_retained: floor on ``student / teacher`` pixel AND image AUROC (each that the test
+            split can measure) on the held-out test split, e.g. ``0.97``. None (default) = report only:
+            the ratio is printed and recorded but never fails the run, because on a small test
+            split (10 images here, tens in most categories) it is a noisy estimate and what is
+            acceptable is the integrator's call; scripts and CI that gate on it pass the floor.
 
     Returns:
         The student run directory.
@@ -279,6 +369,9 @@ def distill(
         FileNotFoundError: teacher run / category / resume state missing.
         KeyError: unknown student backbone.
         FileExistsError: ``out`` already holds a run and ``resume`` is False.
+        ValueError: ``min_retained`` negative, or set without a fidelity report to judge it by
+            (``fidelity=False`` or no ``data/category/test``).
+        DistillationBelowFloorError: the student misses ``min_retained`` (the run is written first).
     """
     import torch
 
@@ -295,6 +388,12 @@ def distill(
 
     run_dir, out, data = Path(run_dir), Path(out), Path(data)
     _check_inputs(run_dir, student, data, category, out, resume)
+    if min_retained is not None:  # fail before training, not after
+        if not min_retained >= 0:
+            raise ValueError(f"min_retained must be a fraction >= 0 (e.g. 0.97), got {min_retained}")
+        if not fidelity or not (data / category / "test").is_dir():
+            raise ValueError(f"min_retained needs the teacher-vs-student report on {data / category / 'test'}: "
+                             "keep fidelity on and provide the category's test split, or drop min_retained")
     options = dict(student_options or {})
     _check_options(options)
     if synthetic_fraction is not None:
@@ -306,6 +405,7 @@ def distill(
     torch.manual_seed(seed)
     dev = resolve_device(device)
     dist_ctx = init_distributed(dev)
+    verdict: dict[str, Any] | None = None
     try:
         teacher = load_detector(run_dir, device=dev).eval()
         teacher.requires_grad_(False)
@@ -408,12 +508,18 @@ def distill(
             save_checkpoint(model, out, training=training)
             if fidelity and (data / category / "test").is_dir():
                 report = distillation_fidelity(teacher, model, data, category)
+                verdict = retained_fidelity(report, min_retained, teacher.image_size)
+                report.extra["retained"] = verdict
                 report.save(out / DISTILL_FIDELITY_FILE)
-                training["fidelity"] = {"map_pearson_r": report.map["pearson_r"], "metrics": report.metrics}
+                training["fidelity"] = {"map_pearson_r": report.map["pearson_r"], "metrics": report.metrics,
+                                        "retained": verdict}
                 if progress:
                     print(report.table())
+                print(_verdict_line(verdict))
             (out / TRAIN_LOG_FILE).write_text(json.dumps(training, indent=2))
         barrier(dist_ctx)
     finally:
         shutdown_distributed(dist_ctx)
+    if verdict is not None and verdict["ok"] is False:
+        raise DistillationBelowFloorError(out, verdict)
     return out

@@ -157,3 +157,55 @@ def test_cli_reports_errors_without_traceback(tmp_path, real_root, capsys):
                  "--category", CATEGORY, "--out", str(tmp_path / "out")])
     assert code == 2
     assert "teacher run directory" in capsys.readouterr().err
+
+
+def _cli_distill(teacher_run, real_root, out, floor: str) -> int:
+    """A real ``edge-ad distill`` call with the tiny random-init student (4 steps)."""
+    from edge_ad.cli.main import main
+
+    tiny = [a for k, v in TINY.items() for a in ("--backbone-arg", f"{k}={v}")]
+    return main(["distill", str(teacher_run), "--student", "dinov3_vits16", "--random-init", *tiny,
+                 "--image-size", "48", "--layers", "1", "--batch-size", "4", "--steps", "4", "--device", "cpu",
+                 "--data", str(real_root), "--category", CATEGORY, "--out", str(out), "--min-retained", floor])
+
+
+def test_cli_min_retained_gates_the_exit_status_and_keeps_the_run(teacher_run, real_root, tmp_path, capsys):
+    # Floor above 1: the student would have to beat its teacher on every AUROC. The teacher's image
+    # AUROC is 1.0 here (asserted below), so image retained <= 1 < 1.01 whatever the student does:
+    # the gate must refuse, yet the run stays usable.
+    code = _cli_distill(teacher_run, real_root, tmp_path / "below", "1.01")
+    captured = capsys.readouterr()
+    assert code == 3, captured.err
+    reason = [line for line in captured.err.splitlines() if "below the floor" in line]
+    assert len(reason) == 1 and "image_auroc" in reason[0] and "min_retained 1.01" in reason[0], captured.err
+    assert "--steps" in reason[0] and "--image-size 64x64" in reason[0]  # names the fix
+    assert "verdict: BELOW FLOOR 1.01" in captured.out
+    student = load_detector(tmp_path / "below")  # nothing lost: a loadable student run
+    assert student.image_size == (48, 48)
+    verdict = FidelityReport.load(tmp_path / "below" / DISTILL_FIDELITY_FILE).extra["retained"]
+    log = json.loads((tmp_path / "below" / "train_log.json").read_text())
+    assert log["fidelity"]["retained"] == verdict
+    img, pix = verdict["image_auroc"], verdict["pixel_auroc"]
+    assert img["teacher"] == 1.0 and img["retained"] < 1.01
+    assert verdict["ok"] is False and verdict["gated_on"] == ["image_auroc", "pixel_auroc"]
+    assert verdict["min_retained"] == 1.01
+    assert pix["retained"] == pytest.approx(pix["student"] / pix["teacher"])
+    assert verdict["num_good"] == 2 and verdict["num_defective"] == 8
+
+    code = _cli_distill(teacher_run, real_root, tmp_path / "ok", "0.0")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "verdict: ok (>= 0.0)" in captured.out and "student run written to" in captured.out
+    assert FidelityReport.load(tmp_path / "ok" / DISTILL_FIDELITY_FILE).extra["retained"]["ok"] is True
+
+
+def test_min_retained_without_a_report_fails_before_training(teacher_run, real_root, tmp_path):
+    from edge_ad.converters.distill import DistillationBelowFloorError
+
+    assert issubclass(DistillationBelowFloorError, RuntimeError)
+    with pytest.raises(ValueError, match="min_retained needs the teacher-vs-student report"):
+        distill(teacher_run, "dinov3_vits16", real_root, CATEGORY, tmp_path / "s", fidelity=False,
+                min_retained=0.97, **STUDENT)
+    with pytest.raises(ValueError, match="min_retained must be a fraction >= 0"):
+        distill(teacher_run, "dinov3_vits16", real_root, CATEGORY, tmp_path / "s", min_retained=-1.0, **STUDENT)
+    assert not (tmp_path / "s").exists()

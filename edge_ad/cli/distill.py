@@ -1,8 +1,14 @@
 """``edge-ad distill RUN_DIR --student BACKBONE [--image-size N] --data DIR --category CAT
-[--synthetic-fraction F] --out RUN_DIR``: teacher run -> small student run (torch imported in run())."""
+[--synthetic-fraction F] [--min-retained F] --out RUN_DIR``: teacher run -> small student run (torch
+imported in run()).
+
+Exit status: 0 = written (and, with ``--min-retained``, at or above the floor); 3 = written but the
+student keeps less of the teacher's AUROC than the floor (one line on stderr names the numbers and
+the fix); 2 = bad input, nothing trained."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ._parse import int_list, key_value, pixel_size
 
@@ -18,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic-fraction", type=float, default=None,
                         help="share of training samples with a synthetic anomaly (default 0.5)")
     parser.add_argument("--out", required=True, help="student run directory to write")
+    parser.add_argument("--min-retained", type=float, default=None, metavar="F",
+                        help="floor on student/teacher pixel and image AUROC on the test split, e.g. 0.97: below it the run is "
+                        "still written but the command exits 3 (default: report only)")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default 300)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
@@ -34,15 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_ad.converters.distill import distill
+    from edge_ad.converters.distill import DistillationBelowFloorError, distill
 
-    out = distill(
-        args.run_dir, args.student, args.data, args.category, args.out,
-        image_size=args.image_size, layers=args.layers, synthetic_fraction=args.synthetic_fraction,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-        resume=args.resume, amp=args.amp, student_weights=args.student_weights,
-        student_pretrained=not args.random_init, student_overrides=dict(args.student_overrides),
-        student_options=dict(args.student_options),
-    )
+    try:
+        out = distill(
+            args.run_dir, args.student, args.data, args.category, args.out,
+            image_size=args.image_size, layers=args.layers, synthetic_fraction=args.synthetic_fraction,
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+            resume=args.resume, amp=args.amp, student_weights=args.student_weights,
+            student_pretrained=not args.random_init, student_overrides=dict(args.student_overrides),
+            student_options=dict(args.student_options), min_retained=args.min_retained,
+        )
+    except DistillationBelowFloorError as exc:
+        print(f"edge-ad distill: {exc}", file=sys.stderr)
+        return 3
     print(f"student run written to {out}")
     return 0
