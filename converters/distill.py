@@ -112,7 +112,8 @@ class _TeacherTargets:
 
     One teacher pass per image gives both the raw map / score (``forward_raw``) and the fused
     backbone features (captured by a forward hook on ``teacher.backbone``, so the encoder does not
-    run twice).
+    run twice; teachers whose ``forward_raw`` bypasses ``Backbone.forward`` get one extra
+    ``extract_features`` pass).
     """
 
     def __init__(self, teacher: Any, student_size: tuple[int, int], student_grid: tuple[int, int],
@@ -140,6 +141,11 @@ class _TeacherTargets:
         self._captured.clear()
         with torch.no_grad():
             raw = self.teacher.forward_raw(x)
+            if self.want_features and not self._captured:
+                # Methods that read their encoder directly (AnomalyVFM calls timm's
+                # forward_intermediates for the prefix tokens) bypass Backbone.forward, so the hook
+                # saw nothing: one extra encoder pass through the base class's feature path.
+                self.teacher.extract_features(x)
         maps = _resample(raw.anomaly_map.float(), self.size)
         feats = _resample(self._captured[-1].float(), self.grid) if self.want_features else None
         self._captured.clear()
