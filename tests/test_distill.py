@@ -3,6 +3,8 @@
 Teacher: knn on the ``dinov3_vitl16`` registry entry (ViT-L/16 patching, DINOv3 prefix tokens and
 preprocessing) shrunk to depth 2, width 64, random init, at 64 px, on 4 real hazelnut shots.
 Student: ``dinov3_vits16`` shrunk the same way at 48 px (a different, coarser grid: 3x3 vs 4x4).
+Also: the ``--min-retained`` gate through the real CLI (exit 3 below the floor, run kept), and
+FoundAD / AnomalyVFM teachers on a tiny random ViT (structure only).
 """
 from __future__ import annotations
 
@@ -256,3 +258,28 @@ def test_foundation_teacher_on_a_tiny_vit_distils_into_an_exportable_student(met
     x = preprocess_batch(images, student.preprocess_spec, color_order="rgb")
     onnx_path = export_onnx(student, tmp_path / "student.onnx", validate_images=x)
     assert onnx_path.is_file() and onnx_path.stat().st_size > 0
+
+
+def test_retained_verdict_needs_every_measurable_auroc_and_refuses_unmeasurable():
+    from pathlib import Path
+
+    from edge_ad.converters.distill import DistillationBelowFloorError, retained_fidelity
+
+    def report(metrics, anomalous):
+        return FidelityReport(reference="teacher", format="student-pytorch", precision="fp32", num_images=6,
+                              num_anomalous=anomalous, input_size=(64, 64), map={"pearson_r": 0.5}, score={},
+                              metrics=metrics)
+
+    both = {"pixel_auroc": {"reference": 0.80, "candidate": 0.78, "delta": -0.02},
+            "image_auroc": {"reference": 0.90, "candidate": 0.60, "delta": -0.30}}
+    v = retained_fidelity(report(both, 3), 0.97, (448, 448))
+    assert v["pixel_auroc"]["retained"] == pytest.approx(0.975) and v["image_auroc"]["retained"] == pytest.approx(2 / 3)
+    assert v["ok"] is False  # pixel clears 0.97, image does not
+    reason = str(DistillationBelowFloorError(Path("runs/s"), v))
+    assert "image_auroc 66.7%" in reason and "pixel_auroc" not in reason and "--image-size 448x448" in reason
+    assert retained_fidelity(report(both, 3), 0.6, (448, 448))["ok"] is True
+    assert retained_fidelity(report(both, 3), None, (448, 448))["ok"] is None  # report only
+    # Only good test images: nothing to measure, so a floor cannot be met (never a silent pass).
+    empty = retained_fidelity(report({}, 0), 0.0, (448, 448))
+    assert empty["ok"] is False and empty["gated_on"] == []
+    assert "not verified" in str(DistillationBelowFloorError(Path("runs/s"), empty))
