@@ -97,6 +97,15 @@ class CycledSource(FrameSource):
         self.name = name or self._inner.name
         self.fps = self._inner.fps
         self._pass_items = 0
+        self._min_size: tuple[int, int] | None = None
+
+    @property
+    def last_scale(self) -> int:  # type: ignore[override]
+        return self._inner.last_scale
+
+    def reduce_decode(self, min_size: tuple[int, int]) -> bool:
+        self._min_size = min_size
+        return self._inner.reduce_decode(min_size)
 
     def open(self) -> None:
         self._inner.open()
@@ -112,6 +121,8 @@ class CycledSource(FrameSource):
                 return None
             self._inner.close()
             self._inner = open_source(self._spec)
+            if self._min_size is not None:
+                self._inner.reduce_decode(self._min_size)
             self._inner.open()
             self._pass_items = 0
             item = self._inner.read()
@@ -235,7 +246,8 @@ def _engine_fps(det: Any, warmup: int, iterations: int) -> float:
 def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: int = 200, device: str = "auto",
               json_path: str | os.PathLike | None = None, frame_size: tuple[int, int] = (480, 640),
               lossless: bool | None = None, progress: bool = True, sources: int = 1,
-              batch_wait_ms: float = 2.0, map_resolution: str = "frame") -> dict[str, Any]:
+              batch_wait_ms: float = 2.0, map_resolution: str = "frame",
+              reduced_decode: bool = False) -> dict[str, Any]:
     """Benchmark a bundle: bare engine and end-to-end streaming on this device.
 
     Args:
@@ -254,6 +266,8 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
         batch_wait_ms: as :meth:`~edge_ad.runtime.Detector.stream` (static-batch bundles).
         map_resolution: as :meth:`~edge_ad.runtime.Detector.load` when ``bundle`` is not a
             loaded detector (``"lazy"``: no full-resolution map per frame).
+        reduced_decode: as :meth:`~edge_ad.runtime.Detector.stream` (image folders decoded at
+            reduced size).
 
     Returns:
         The report: ``{"bundle", "source", "frames", "mode", "engine_fps", "end_to_end_fps",
@@ -289,7 +303,7 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
     measured = 0
     live = isinstance(src, FrameSource) and src.live or not isinstance(src, (FrameSource, dict))
     with det.stream(src, lossless=lossless, max_frames=total if live and source is not None else None,
-                    batch_wait_ms=batch_wait_ms) as stream:
+                    batch_wait_ms=batch_wait_ms, reduced_decode=reduced_decode) as stream:
         for k, res in enumerate(stream):
             if k < warmup:
                 continue

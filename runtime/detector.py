@@ -247,7 +247,7 @@ class Detector:
     def stream(self, source: Any, *, lossless: bool | None = None, queue_size: int = 2, color_order: str = "bgr",
                roi: tuple[int, int, int, int] | None = None, reconnect: bool | ReconnectPolicy = True,
                keep_frames: bool = False, max_frames: int | None = None,
-               batch_wait_ms: float = 2.0) -> Stream:
+               batch_wait_ms: float = 2.0, reduced_decode: bool = False) -> Stream:
         """Run the detector on a live source in a threaded pipeline; iterate it for :class:`Result` s.
 
         ::
@@ -285,6 +285,11 @@ class Detector:
             batch_wait_ms: with a static-batch bundle (``convert --batch N``), how long an engine
                 call waits for frames of other cameras after the first one (ms, bounded latency;
                 fewer frames are padded). Ignored for batch-1 bundles.
+            reduced_decode: decode image-folder frames at 1/2, 1/4 or 1/8 size when that keeps
+                them at least the model input's size (:class:`~edge_ad.runtime.sources.FolderSource`);
+                results are then in the decoded frame's pixels, ``Result.decode_scale`` says the
+                factor. Not applied to sources with a ROI (its pixels refer to the full frame),
+                nor to cameras, streams and video files.
 
         Returns:
             A :class:`~edge_ad.runtime.stream.Stream` (iterable, context manager, ``stats``, ``close()``).
@@ -295,7 +300,7 @@ class Detector:
 
         return Stream(self, source, lossless=lossless, queue_size=queue_size, color_order=color_order, roi=roi,
                       reconnect=reconnect, keep_frames=keep_frames, max_frames=max_frames,
-                      batch_wait_ms=batch_wait_ms)
+                      batch_wait_ms=batch_wait_ms, reduced_decode=reduced_decode)
 
     # ------------------------------------------------------------------------------------------
 

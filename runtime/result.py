@@ -61,6 +61,10 @@ class Result:
             of a multi-source stream: ``"cam_side"``); None for ``predict``.
         frame: the frame the result is for (the uint8 array the source delivered, not a copy) when
             the stream was asked to keep frames (``keep_frames=True``, e.g. for overlays), else None.
+        decode_scale: the source decoded this frame at 1/``decode_scale`` of the file's size on
+            each axis (``reduced_decode=True`` on a folder source: 2, 4 or 8; else 1). Maps,
+            regions and ``frame`` are in the decoded frame's pixels: multiply region boxes by it
+            for the file's pixels (approximately: the decoded size is ceil(H / decode_scale)).
     """
 
     anomaly_map: np.ndarray
@@ -77,6 +81,7 @@ class Result:
     capture_wall_time: float | None = None
     source: str | None = None
     frame: np.ndarray | None = field(default=None, repr=False)
+    decode_scale: int = 1
 
 
 class LazyMapsResult(Result):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ._cv import require_cv2
-from .image_io import is_image_file, read_image
+from .image_io import is_image_file, read_image, reduction_factor
 
 __all__ = [
     "VIDEO_SUFFIXES",
@@ -82,6 +82,8 @@ class FrameSource:
     live: bool = False
     reopenable: bool = False
     fps: float | None = None
+    #: The last frame was decoded at 1/last_scale of its stored size per axis (see FolderSource).
+    last_scale: int = 1
 
     def __init__(self) -> None:
         self.end_message: str | None = None
@@ -95,6 +97,11 @@ class FrameSource:
 
     def close(self) -> None:
         """Release the device / file; safe to call twice."""
+
+    def reduce_decode(self, min_size: tuple[int, int]) -> bool:
+        """Decode frames at reduced size, keeping at least ``min_size`` (height, width) pixels, where
+        the source can (image folders); returns whether it will. The base class cannot: False."""
+        return False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -252,15 +259,28 @@ class VideoFileSource(_CaptureSource):
 
 
 class FolderSource(FrameSource):
-    """The image files of a folder in sorted name order, read as BGR; unreadable files are skipped."""
+    """The image files of a folder in sorted name order, read as BGR; unreadable files are skipped.
+
+    Reduced-size decode (``min_size`` set): each file is decoded at 1/2, 1/4 or 1/8 of its size
+    (OpenCV ``IMREAD_REDUCED_COLOR_*``, DCT scaling for JPEGs) when that still gives at least
+    ``min_size`` pixels on both axes, so a 224 px model does not pay for decoding a 0.5 MP JPEG
+    in full. The factor is chosen from the first file (decoded in full once, to learn its size) and
+    kept; a later file that would come out smaller than ``min_size`` at it is decoded in full.
+    :attr:`last_scale` is the factor of the frame :meth:`read` returned last.
+    """
 
     live = False
     reopenable = True  # a folder on a network share that vanishes briefly can come back
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, min_size: tuple[int, int] | None = None) -> None:
+        """``min_size``: (height, width) pixels the decoded frames must keep (the model input);
+        None decodes every file at full size."""
         super().__init__()
         self.path = Path(path)
         self.name = str(self.path)
+        self.min_size = None if min_size is None else (int(min_size[0]), int(min_size[1]))
+        self._factor: int | None = None  # chosen from the first decoded file
+        self.last_scale = 1
         self._files: list[Path] | None = None
         self._pos = 0
 
@@ -283,9 +303,31 @@ class FolderSource(FrameSource):
         path = self._files[self._pos]
         self._pos += 1
         try:
-            return read_image(path, "bgr")
+            return self._decode(path)
         except (OSError, ValueError) as exc:
             return Skip("unreadable_file", f"{path}: {exc}")
+
+    def reduce_decode(self, min_size: tuple[int, int]) -> bool:
+        self.min_size, self._factor = (int(min_size[0]), int(min_size[1])), None
+        return True
+
+    def _decode(self, path: Path) -> np.ndarray:
+        """One file as BGR, reduced when :attr:`min_size` allows; sets :attr:`last_scale`."""
+        self.last_scale = 1
+        if self.min_size is None:
+            return read_image(path, "bgr")
+        if self._factor is None:
+            frame = read_image(path, "bgr")
+            self._factor = reduction_factor(frame.shape[:2], self.min_size)
+            if self._factor == 1:
+                return frame
+            # the first file at the chosen factor too, so every frame of the folder is decoded alike
+        if self._factor > 1:
+            frame = read_image(path, "bgr", self._factor)
+            if frame.shape[0] >= self.min_size[0] and frame.shape[1] >= self.min_size[1]:
+                self.last_scale = self._factor
+                return frame
+        return read_image(path, "bgr")
 
 
 def _suffixes() -> set[str]:

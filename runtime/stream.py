@@ -309,6 +309,7 @@ class _Frame:
     t_mono: float
     t_wall: float
     capture_ms: float
+    decode_scale: int = 1
     preprocess_ms: float = 0.0
     t_start: float = 0.0
 
@@ -369,7 +370,8 @@ class _Pipeline:
     def __init__(self, detector: "Detector", source: Any, *, lossless: bool | None = None, queue_size: int = 2,
                  color_order: str = "bgr", roi: tuple[int, int, int, int] | None = None,
                  reconnect: bool | ReconnectPolicy = True, keep_frames: bool = False, max_frames: int | None = None,
-                 batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, join_timeout: float = 5.0) -> None:
+                 batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, join_timeout: float = 5.0,
+                 reduced_decode: bool = False) -> None:
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an int >= 1 (frames), got {queue_size!r}")
         if color_order not in COLOR_ORDERS:
@@ -396,6 +398,8 @@ class _Pipeline:
             profile = detector.camera_profile(name) if name is not None else None
             lane_roi = _check_roi(profile.roi) if profile is not None and profile.roi is not None else roi
             lane_order = profile.color_order if profile is not None and profile.color_order else color_order
+            if reduced_decode and lane_roi is None:  # a ROI is in full-frame pixels: never reduce under it
+                src.reduce_decode(detector.spec.size)
             self.lanes.append(_Lane(len(self.lanes), name, src, lane_roi, lane_order,
                                     profile.thresholds if profile is not None else None))
         self.lossless = (not any(lane.source.live for lane in self.lanes)) if lossless is None else bool(lossless)
@@ -694,7 +698,8 @@ class _Pipeline:
                 except (TypeError, ValueError) as exc:
                     self._skip(lane, i, "bad_frame", str(exc))
                     continue
-                ok, old = self._frames.put(lane.index, _Frame(lane.index, i, item, view, t_mono, t_wall, capture_ms),
+                ok, old = self._frames.put(lane.index, _Frame(lane.index, i, item, view, t_mono, t_wall, capture_ms,
+                                                                   lane.source.last_scale),
                                            drop_oldest=drop)
                 with self._lock:
                     if old is not None:
@@ -782,6 +787,7 @@ class _Pipeline:
                     t3 = time.perf_counter()
                     res.frame_index, res.capture_time, res.capture_wall_time = item.index, item.t_mono, item.t_wall
                     res.source = lane.name
+                    res.decode_scale = item.decode_scale
                     res.frame = item.frame if self.keep_frames else None
                     res.timings = {"capture": item.capture_ms, "preprocess": item.preprocess_ms,
                                    "infer": (t1 - item.t_start) * 1e3, "postprocess": (t3 - t2) * 1e3,
@@ -910,13 +916,15 @@ def result_record(res: Result) -> dict[str, Any]:
 
     Keys: ``frame_index``, ``capture_time`` (monotonic s), ``capture_wall_time`` (Unix s),
     ``source``, ``score``, ``is_anomalous``, ``regions`` (list of ``{x, y, w, h, area_px, peak}``
-    in frame pixels, or null), ``roi``, ``timings`` (ms).
+    in frame pixels, or null), ``roi``, ``decode_scale`` (the frame was decoded at 1/N size:
+    regions are in decoded pixels), ``timings`` (ms).
     """
     return {
         "frame_index": res.frame_index, "capture_time": res.capture_time, "capture_wall_time": res.capture_wall_time,
         "source": res.source, "score": float(res.score), "is_anomalous": res.is_anomalous,
         "regions": [r._asdict() for r in res.regions] if res.regions is not None else None,
         "roi": list(res.roi) if res.roi is not None else None,
+        "decode_scale": res.decode_scale,
         "timings": {k: round(float(v), 4) for k, v in res.timings.items()},
     }
 
@@ -925,7 +933,7 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
                lossless: bool | None = None, max_frames: int | None = None, device: str = "auto",
                roi: tuple[int, int, int, int] | None = None, color_order: str = "bgr", queue_size: int = 2,
                reconnect: bool | ReconnectPolicy = True, progress: bool = True,
-               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> StreamStats:
+               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, reduced_decode: bool = False) -> StreamStats:
     """Stream a bundle over a source, writing JSON lines / an overlay video / a window. ``edge-ad run``.
 
     Args:
@@ -938,8 +946,8 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
             source's frame rate (25 fps when unknown).
         jsonl: write one JSON object per result (:func:`result_record`), then a final
             ``{"stats": ...}`` line (:meth:`StreamStats.to_dict`).
-        lossless, max_frames, roi, color_order, queue_size, reconnect, batch_wait_ms: as
-            :meth:`Detector.stream`.
+        lossless, max_frames, roi, color_order, queue_size, reconnect, batch_wait_ms,
+            reduced_decode: as :meth:`Detector.stream`.
         device: engine device (``"auto"`` = the bundle target's).
         progress: a tqdm bar (when tqdm is installed) counting results.
 
@@ -982,7 +990,7 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
     writer_size = (0, 0)
     stream = det.stream(source, lossless=lossless, queue_size=queue_size, color_order=color_order, roi=roi,
                         reconnect=reconnect, keep_frames=bool(show or save), max_frames=max_frames,
-                        batch_wait_ms=batch_wait_ms)
+                        batch_wait_ms=batch_wait_ms, reduced_decode=reduced_decode)
     try:
         with stream:
             for res in stream:

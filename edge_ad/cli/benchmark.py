@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-resolution", choices=("frame", "model", "lazy"), default="frame",
                         help="Result maps: frame (default), model, or lazy (made on first access; regions at model "
                              "resolution)")
+    parser.add_argument("--reduced-decode", action="store_true",
+                        help="image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
+                             "size (much faster for large frames); results are in decoded pixels (decode_scale "
+                             "records the factor); not with --roi")
     parser.add_argument("--frame-size", type=pixel_size, default=(480, 640),
                         help="HxW of the synthetic frames (default 480x640)")
 
@@ -39,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     source = int(args.source) if args.source is not None and args.source.isdigit() else args.source
     report = benchmark(args.bundle, source, warmup=args.warmup, iterations=args.iterations, device=args.device,
                        json_path=args.json, frame_size=size, sources=args.sources,
-                       batch_wait_ms=args.batch_wait_ms, map_resolution=args.map_resolution)
+                       batch_wait_ms=args.batch_wait_ms, map_resolution=args.map_resolution,
+                       reduced_decode=args.reduced_decode)
     print(format_report(report))
     return 0

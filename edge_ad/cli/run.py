@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bundle); repeat for several cameras through one detector")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0,
                         help="static-batch bundles: how long an engine call waits for other cameras' frames (2 ms)")
+    parser.add_argument("--reduced-decode", action="store_true",
+                        help="image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
+                             "size (much faster for large frames); results are in decoded pixels (decode_scale "
+                             "records the factor); not with --roi")
     parser.add_argument("--show", action="store_true", help="show frames with the anomaly overlay (q / Esc quits)")
     parser.add_argument("--save", default=None, help="write overlaid frames to this video (.mp4 or .avi)")
     parser.add_argument("--jsonl", default=None, help="write one JSON object per frame, then a final stats line")
@@ -50,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, verify_key=args.verify_key) if args.verify_key else args.bundle
     stats = run_stream(bundle, source, show=args.show, save=args.save, jsonl=args.jsonl, lossless=args.lossless,
                        max_frames=args.max_frames, device=args.device, roi=args.roi, color_order=args.color_order,
-                       progress=not args.no_progress, batch_wait_ms=args.batch_wait_ms)
+                       progress=not args.no_progress, batch_wait_ms=args.batch_wait_ms,
+                       reduced_decode=args.reduced_decode)
     keys = ("source", "mode", "captured", "delivered", "dropped", "skipped", "fps")
     d = stats.to_dict()
     summary = {k: d[k] for k in keys}
