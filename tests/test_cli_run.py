@@ -18,7 +18,7 @@ from torch_blocker import run_without_torch
 
 CATEGORY = "mvtec_hazelnut_256"
 RECORD_KEYS = {"frame_index", "capture_time", "capture_wall_time", "source", "score", "is_anomalous", "regions", "roi",
-               "timings"}
+               "decode_scale", "timings"}
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 

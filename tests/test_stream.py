@@ -316,3 +316,57 @@ def test_stream_argument_errors(onnx_det):
         ReconnectPolicy(max_attempts=0)
     stream = onnx_det.stream(_small(10), max_frames=4)
     assert len(list(stream)) == 4 and stream.stats.captured == 4
+
+
+def test_reduction_factor_choice_and_reduced_read(real_root):
+    from edge_ad.runtime.image_io import reduction_factor
+
+    assert reduction_factor((460, 1130), (224, 224)) == 2  # the bsdata_pitting frames, 224 px model
+    assert reduction_factor((460, 1130), (64, 64)) == 4  # 1/8 would give 57 rows < 64
+    assert reduction_factor((256, 256), (64, 64)) == 4
+    assert reduction_factor((256, 256), (256, 256)) == 1 and reduction_factor((300, 900), (200, 64)) == 1
+    assert reduction_factor((4000, 4000), (224, 224)) == 8  # OpenCV offers no factor above 8
+    with pytest.raises(ValueError, match="positive"):
+        reduction_factor((0, 10), (4, 4))
+    path = sorted((real_root / "bsdata_pitting" / "test" / "good").iterdir())[0]
+    full = read_image(path, "bgr")
+    for f in (2, 4, 8):
+        assert read_image(path, "bgr", f).shape == (-(-full.shape[0] // f), -(-full.shape[1] // f), 3)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        read_image(path, "bgr", 3)
+
+
+@pytest.mark.parametrize("folder", ["mvtec_hazelnut_256/test/crack", "mvtec_hazelnut_256/test/good",
+                                    "bsdata_pitting/test/pitting"])
+def test_reduced_decode_same_verdicts_near_scores(onnx_det, real_root, folder):
+    """Folder frames decoded at 1/4 size (64 px model) give the full decode's verdicts and scores
+    within a few per cent; results say the factor; a ROI turns reduction off."""
+    src = str(real_root / folder)
+    runs = {}
+    for red in (False, True):
+        with onnx_det.stream(src, reduced_decode=red, keep_frames=True, max_frames=12) as s:
+            runs[red] = list(s)
+    full, red = runs[False], runs[True]
+    assert len(full) == len(red) >= 2
+    assert {r.decode_scale for r in full} == {1} and {r.decode_scale for r in red} == {4}
+    assert all(r.frame.shape[0] == -(-f.frame.shape[0] // 4) for r, f in zip(red, full))
+    assert [r.is_anomalous for r in red] == [f.is_anomalous for f in full]
+    a, b = np.array([f.score for f in full]), np.array([r.score for r in red])
+    # near the decision boundary is what matters: errors relative to the image threshold
+    err = np.abs(a - b) / onnx_det.image_threshold
+    assert np.median(err) < 0.05 and np.max(err) < 0.1
+    with onnx_det.stream(src, reduced_decode=True, roi=(0, 0, 128, 128), max_frames=2) as s:
+        assert {r.decode_scale for r in s} == {1}  # ROI pixels refer to the full frame: never reduced
+
+
+def test_cycled_folder_keeps_reduced_decode_across_passes(real_root):
+    from edge_ad.runtime.benchmark import CycledSource
+
+    src = CycledSource(str(real_root / "mvtec_hazelnut_256" / "test" / "crack"), 5)  # 2 files: 3 passes
+    assert src.reduce_decode((64, 64))
+    src.open()
+    shapes = []
+    while (frame := src.read()) is not None:
+        shapes.append((frame.shape, src.last_scale))
+    src.close()
+    assert shapes == [((64, 64, 3), 4)] * 5
