@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "resolution)")
     parser.add_argument("--reduced-decode", action="store_true",
                         help="image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
-                             "size (much faster for large frames); results are in decoded pixels (decode_scale "
+                             "size (cheaper decode of large frames); results are in decoded pixels (decode_scale "
                              "records the factor); not with --roi")
     parser.add_argument("--frame-size", type=pixel_size, default=(480, 640),
                         help="HxW of the synthetic frames (default 480x640)")

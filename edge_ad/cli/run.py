@@ -1,5 +1,5 @@
 """``edge-ad run BUNDLE --source SRC [--source NAME=SRC ...] [--batch-wait-ms M] [--show] [--save out.mp4]
-[--jsonl results.jsonl] [--lossless] [--max-frames N] [--device D]``: stream a bundle over a camera /
+[--jsonl results.jsonl] [--lossless] [--max-frames N] [--device D] [--reduced-decode]``: stream a bundle over a camera /
 video / folder / URL / pipeline, or several named cameras at once (``--source cam_top=0 --source
 cam_side=rtsp://...``: one detector, per-camera profiles, docs/MULTI_CAMERA.md).
 
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="static-batch bundles: how long an engine call waits for other cameras' frames (2 ms)")
     parser.add_argument("--reduced-decode", action="store_true",
                         help="image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
-                             "size (much faster for large frames); results are in decoded pixels (decode_scale "
+                             "size (cheaper decode of large frames); results are in decoded pixels (decode_scale "
                              "records the factor); not with --roi")
     parser.add_argument("--show", action="store_true", help="show frames with the anomaly overlay (q / Esc quits)")
     parser.add_argument("--save", default=None, help="write overlaid frames to this video (.mp4 or .avi)")
