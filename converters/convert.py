@@ -85,10 +85,11 @@ def convert(
         tar: write one ``.tar`` file instead of a directory.
         sign_key: PEM file of an Ed25519 private key: sign the bundle (``manifest.sig``) so devices
             can refuse bundles from elsewhere (``Detector.load(..., verify_key=PUBLIC_PEM)``).
-        batch: static batch N of the bundle's model (OpenVINO targets), for cross-camera batching
+        batch: static batch N of the bundle's model (every target), for cross-camera batching
             (docs/MULTI_CAMERA.md). Conversion, calibration and fidelity run at batch 1 exactly as
-            for ``batch=1``; the final IR is then re-batched (same weights and quantisation) and
-            checked frame by frame against the batch-1 IR on the calibration images (the largest
+            for ``batch=1``; the final model (OpenVINO IR, or the FP32 / Q/DQ INT8 ONNX of
+            onnxruntime and TensorRT targets) is then re-batched (same weights and quantisation)
+            and checked frame by frame against the batch-1 model on the calibration images (the largest
             map / score difference is recorded in ``info.batch``; above
             :data:`MAX_REBATCH_ERROR` the conversion fails).
 
@@ -108,9 +109,6 @@ def convert(
     tgt = get_target(target)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1 (frames per engine call), got {batch!r}")
-    if batch > 1 and tgt.engine != "openvino":
-        raise ValueError(f"--batch {batch}: static batches are made for OpenVINO targets so far; {tgt.name} runs on "
-                         f"{tgt.engine} (convert with --batch 1; several cameras still share a batch-1 engine)")
     precision = precision or tgt.default_precision
     tgt.check_precision(precision)
     run_dir = Path(run_dir)
@@ -221,21 +219,23 @@ def convert(
     print(report.table())
     batch_record = None
     if batch > 1:
-        from .openvino import openvino_runner, rebatch_openvino
+        if tgt.engine == "openvino":
+            from .openvino import openvino_runner, rebatch_openvino
 
-        xml_n, bin_n = rebatch_openvino(artifacts["openvino/model.xml"], work / f"openvino_b{batch}", batch)
-        hint = "f32" if tgt.device.upper() != "CPU" else ov.inference_precision_hint
-        maps_1, scores_1 = runner(calset.images)
-        maps_n, scores_n = openvino_runner(xml_n, precision_hint=hint)(calset.images)
-        err = {"max_map_diff": float(np.abs(maps_n - maps_1).max()),
-               "max_score_diff": float(np.abs(scores_n - scores_1).max())}
-        if not all(np.isfinite(v) and v <= MAX_REBATCH_ERROR for v in err.values()):
-            raise ValueError(f"the batch-{batch} model differs from the batch-1 model frame by frame ({err}, limit "
-                             f"{MAX_REBATCH_ERROR}): its graph depends on the batch; convert with --batch 1")
-        artifacts["openvino/model.xml"], artifacts["openvino/model.bin"] = xml_n, bin_n
-        batch_record = {"size": batch, "frames_compared": int(len(calset.images)), **err}
-        print(f"[convert] batch {batch}: per-frame max |map diff| {err['max_map_diff']:.3g}, |score diff| "
-              f"{err['max_score_diff']:.3g} vs batch 1 on {len(calset.images)} calibration images")
+            xml_n, bin_n = rebatch_openvino(artifacts["openvino/model.xml"], work / f"openvino_b{batch}", batch)
+            hint = "f32" if tgt.device.upper() != "CPU" else ov.inference_precision_hint
+            batch_record = _check_rebatched(runner, openvino_runner(xml_n, precision_hint=hint), calset.images, batch)
+            artifacts["openvino/model.xml"], artifacts["openvino/model.bin"] = xml_n, bin_n
+        else:
+            from .rebatch import rebatch_onnx
+
+            onnx_n = rebatch_onnx(artifacts["model.onnx"], batch)
+            if tgt.engine == "tensorrt":
+                problems = check_tensorrt_compatible(onnx_n)
+                if problems:
+                    raise ValueError(f"the batch-{batch} ONNX graph is not TensorRT-ready:\n  " + "\n  ".join(problems))
+            batch_record = _check_rebatched(runner, onnxruntime_runner(onnx_n), calset.images, batch)
+            artifacts["model.onnx"] = onnx_n
 
     # Weights stored as ONNX external data (models above 2 GiB) are artifacts too: bundles refuse unlisted files.
     from edge_ad.runtime.bundle.onnx_wire import read_onnx_external_data
@@ -263,6 +263,25 @@ def convert(
     path = write_bundle(out, manifest, artifacts, fidelity=fid, tar=tar, sign_key=sign_key)
     print(f"[convert] bundle written to {path}")
     return path
+
+
+def _check_rebatched(runner_1, runner_n, images: np.ndarray, batch: int) -> dict[str, Any]:
+    """Compare a re-batched model with its batch-1 original frame by frame -> ``info.batch`` record.
+
+    Both runners take ``images (B,3,H,W)`` and return ``(maps (B,1,H,W), scores (B,))``; the
+    batch-N runner pads the last chunk. Raises ValueError when a map or score differs by more
+    than :data:`MAX_REBATCH_ERROR` (model units), i.e. the graph depends on its batch.
+    """
+    maps_1, scores_1 = runner_1(images)
+    maps_n, scores_n = runner_n(images)
+    err = {"max_map_diff": float(np.abs(maps_n - maps_1).max()),
+           "max_score_diff": float(np.abs(scores_n - scores_1).max())}
+    if not all(np.isfinite(v) and v <= MAX_REBATCH_ERROR for v in err.values()):
+        raise ValueError(f"the batch-{batch} model differs from the batch-1 model frame by frame ({err}, limit "
+                         f"{MAX_REBATCH_ERROR}): its graph depends on the batch; convert with --batch 1")
+    print(f"[convert] batch {batch}: per-frame max |map diff| {err['max_map_diff']:.3g}, |score diff| "
+          f"{err['max_score_diff']:.3g} vs batch 1 on {len(images)} calibration images")
+    return {"size": batch, "frames_compared": int(len(images)), **err}
 
 
 def _search(quantizer, detector, onnx_path: Path, images: np.ndarray, max_error: float, progress: bool,

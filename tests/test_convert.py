@@ -116,3 +116,37 @@ def test_fidelity_budget_runs_the_sensitivity_search(knn_run, tmp_path):
     search = quant["sensitivity"]
     assert search["budget_met"] and search["excluded"] == []  # a loose budget keeps everything INT8
     assert search["baseline_error"] <= 0.5 and search["conversions"] == 1
+
+
+def _reshape_max_graph(path, target_shape: list[int]):
+    """A tiny (1,3,2,2) -> score (1,) ONNX: Reshape to ``target_shape`` then ReduceMax over axis 1."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array(target_shape, np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["images", "shape"], ["flat"]),
+         helper.make_node("ReduceMax", ["flat"], ["score"], keepdims=0, axes=[1])], "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, [1])], [shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_rebatch_onnx_follows_the_batch_or_refuses_a_baked_one(tmp_path):
+    import onnxruntime as ort
+
+    from edge_ad.converters.rebatch import rebatch_onnx
+
+    # Reshape to (0, -1): dim 0 copied from the input, so the graph follows the batch.
+    good = rebatch_onnx(_reshape_max_graph(tmp_path / "good.onnx", [0, -1]), 4)
+    assert good == tmp_path / "good_b4.onnx"
+    session = ort.InferenceSession(str(good), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [4, 3, 2, 2] and session.get_outputs()[0].shape == [4]
+    x = np.random.default_rng(0).normal(size=(4, 3, 2, 2)).astype(np.float32)
+    np.testing.assert_array_equal(session.run(None, {"images": x})[0], x.reshape(4, -1).max(axis=1))
+    # Reshape to (1, -1) bakes batch 1 in: refused with the fix instead of a (1,) score for 4 frames.
+    with pytest.raises(ValueError, match="bakes its batch into its graph, convert with --batch 1"):
+        rebatch_onnx(_reshape_max_graph(tmp_path / "baked.onnx", [1, -1]), 4)
+    with pytest.raises(ValueError, match="batch must be an int"):
+        rebatch_onnx(good, 0)

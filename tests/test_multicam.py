@@ -279,11 +279,69 @@ def test_batch4_openvino_bundle_equals_batch1_per_frame_across_cameras(ov_int8, 
     assert stream1.stats.batch == 1 and stream1.stats.batch_fill == 1.0
 
 
-def test_convert_batch_is_refused_where_not_supported(knn_run, tmp_path):
-    with pytest.raises(ValueError, match="OpenVINO targets"):
-        convert(knn_run, "onnx-cpu", tmp_path / "x", precision="fp32", calib_count=8, progress=False, batch=4)
+def test_convert_batch_is_checked(knn_run, tmp_path):
     with pytest.raises(ValueError, match="batch must be an int"):
         convert(knn_run, "intel-cpu", tmp_path / "y", precision="fp32", calib_count=8, progress=False, batch=0)
+    with pytest.raises(ValueError, match="batch must be an int"):
+        convert(knn_run, "onnx-cpu", tmp_path / "z", precision="fp32", calib_count=8, progress=False, batch=True)
+
+
+@pytest.fixture(scope="module")
+def det4(knn_run, real_root, tmp_path_factory):
+    """The ``det`` bundle (onnx-cpu FP32, same arguments) at static batch 4."""
+    path = convert(knn_run, "onnx-cpu", tmp_path_factory.mktemp("multicam_b4") / "onnx", precision="fp32",
+                   calib_count=8, val_data=real_root, progress=False, batch=4)
+    return Detector.load(path)
+
+
+def test_batch4_onnxruntime_bundle_equals_batch1_per_frame(det, det4, images, videos):
+    assert det4.engine.name == "onnxruntime" and det4.engine.batch == 4 and det.engine.batch == 1
+    m = det4.bundle.manifest
+    assert m.input.batch == 4 and m.info["batch"]["size"] == 4 and m.info["batch"]["frames_compared"] == 8
+    assert m.info["batch"]["max_map_diff"] <= 1e-4 and m.info["batch"]["max_score_diff"] <= 1e-4
+    # calibration, fidelity and thresholds are those of the batch-1 conversion (they run at batch 1)
+    assert m.calibration == det.bundle.manifest.calibration and m.fidelity == det.bundle.manifest.fidelity
+    assert m.thresholds == det.bundle.manifest.thresholds
+    frames = images[:7]  # one full call of 4 and a padded call of 3
+    for res, ref in zip(det4.predict_batch(frames), [det.predict(f) for f in frames]):
+        np.testing.assert_allclose(res.model_map, ref.model_map, atol=1e-4, rtol=0)
+        assert abs(res.score - ref.score) <= 1e-4 and res.is_anomalous == ref.is_anomalous
+    with det4.stream(videos, keep_frames=True, batch_wait_ms=50) as stream:
+        results = list(stream)
+    s = stream.stats
+    assert s.delivered == 18 and all(_accounted(cs) for cs in s.sources.values())
+    assert s.batch == 4 and s.batches < 18  # frames of several cameras shared calls
+    for res in results:
+        ref = det.predict(res.frame)
+        np.testing.assert_allclose(res.model_map, ref.model_map, atol=1e-4, rtol=0)
+        assert abs(res.score - ref.score) <= 1e-4
+
+
+def test_batch4_tensorrt_qdq_onnx_is_static_and_equals_batch1(knn_run, images, tmp_path):
+    import onnx
+
+    from edge_ad.converters.convert import MAX_REBATCH_ERROR
+    from edge_ad.converters.fidelity import onnxruntime_runner
+    from edge_ad.methods import load_detector
+    from edge_ad.runtime.bundle import load_bundle
+    from edge_ad.runtime.preprocessing import preprocess_batch
+
+    bundles = {b: load_bundle(convert(knn_run, "jetson-orin", tmp_path / f"b{b}", precision="int8", calib_count=8,
+                                      progress=False, batch=b)) for b in (1, 4)}
+    graphs = {b: onnx.load(str(bundles[b].path("model.onnx"))) for b in bundles}
+    dims = [d.dim_value for d in graphs[4].graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [4, 3, 64, 64] and bundles[4].manifest.input.batch == 4
+    ops = {b: sorted(n.op_type for n in g.graph.node) for b, g in graphs.items()}
+    assert ops[4] == ops[1] and "QuantizeLinear" in ops[4]  # the same Q/DQ graph, only the batch differs
+    quant = {b: {k: v for k, v in bundles[b].manifest.info["quantization"].items() if k != "onnx_path"} for b in bundles}
+    assert quant[4] == quant[1]  # same calibration, same scales (the temporary file path differs)
+    assert bundles[4].manifest.fidelity == bundles[1].manifest.fidelity  # fidelity runs at batch 1
+    runners = {b: onnxruntime_runner(bundles[b].path("model.onnx")) for b in bundles}
+    assert runners[4].batch_size == 4 and runners[1].batch_size == 1
+    frames = preprocess_batch(images[:6], load_detector(knn_run).preprocess_spec, color_order="bgr")
+    (m1, s1), (m4, s4) = runners[1](frames), runners[4](frames)  # real shots: one full batch, one padded
+    assert np.abs(m4 - m1).max() <= MAX_REBATCH_ERROR and np.abs(s4 - s1).max() <= MAX_REBATCH_ERROR
+    assert bundles[4].manifest.info["batch"]["max_map_diff"] <= MAX_REBATCH_ERROR
 
 
 def test_multi_camera_example_on_four_videos(det, videos):

@@ -22,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="INT8 fidelity budget (1 - map cosine vs FP32 on the calibration images): a "
                         "sensitivity search keeps the most sensitive blocks in float until it holds")
     parser.add_argument("--batch", type=int, default=1,
-                        help="static batch N of the model (OpenVINO targets): the runtime gathers up to N frames "
-                        "of different cameras into one engine call (docs/MULTI_CAMERA.md); default 1")
+                        help="static batch N of the model (OpenVINO, onnxruntime and TensorRT targets; FP32 / FP16 / "
+                        "INT8): the runtime gathers up to N frames of different cameras into one engine call "
+                        "(docs/MULTI_CAMERA.md); default 1")
     parser.add_argument("--tar", action="store_true", help="write one .tar file")
     parser.add_argument("--out", required=True, help="bundle directory (or .tar with --tar)")
     parser.add_argument("--sign-key", default=None, help="PEM Ed25519 private key: sign the bundle (manifest.sig)")
