@@ -35,3 +35,13 @@ def knn_run(real_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shared_runs") / "knn"
     return train("knn", "efficientnet_lite0", real_root, "mvtec_hazelnut_256", out, shots=4, image_size=64,
                  device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(knn_run, real_root, tmp_path_factory) -> Path:
+    """The knn run as one onnx-cpu FP32 bundle with thresholds (held-out hazelnut good images), shared
+    by the runtime tests. Read-only: a test that changes a bundle copies it first (shutil.copytree)."""
+    from edge_ad.converters.convert import convert
+
+    return convert(knn_run, "onnx-cpu", tmp_path_factory.mktemp("shared_bundles") / "onnx", precision="fp32",
+                   calib_count=8, val_data=real_root, progress=False)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from edge_ad.cli.main import main
-from edge_ad.converters.convert import convert
 from edge_ad.runtime import Detector, read_image
 from edge_ad.runtime.benchmark import device_facts, format_report
 from torch_blocker import run_without_torch
@@ -23,9 +22,8 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bundle(knn_run, real_root, tmp_path_factory):
-    return convert(knn_run, "onnx-cpu", tmp_path_factory.mktemp("cli_b") / "onnx", precision="fp32", calib_count=8,
-                   val_data=real_root, progress=False)
+def bundle(onnx_bundle):
+    return onnx_bundle
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,6 @@ CATEGORY = "mvtec_hazelnut_256"
 
 
 @pytest.fixture(scope="module")
-def onnx_bundle(knn_run, real_root, tmp_path_factory):
-    return convert(knn_run, "onnx-cpu", tmp_path_factory.mktemp("det_b") / "onnx", precision="fp32", calib_count=8,
-                   val_data=real_root, progress=False)
-
-
-@pytest.fixture(scope="module")
 def ov_bundle(knn_run, real_root, tmp_path_factory):
     return convert(knn_run, "intel-cpu", tmp_path_factory.mktemp("det_b") / "ov", precision="int8",
                    calib=real_root / CATEGORY, calib_count=8, val_data=real_root, progress=False)

@@ -28,12 +28,6 @@ CATEGORY = "mvtec_hazelnut_256"
 
 
 @pytest.fixture(scope="module")
-def onnx_bundle(knn_run, real_root, tmp_path_factory):
-    return convert(knn_run, "onnx-cpu", tmp_path_factory.mktemp("faults") / "onnx", precision="fp32", calib_count=8,
-                   val_data=real_root, progress=False)
-
-
-@pytest.fixture(scope="module")
 def ov_bundle(knn_run, tmp_path_factory):
     return convert(knn_run, "intel-cpu", tmp_path_factory.mktemp("faults") / "ov", precision="fp32", calib_count=8,
                    progress=False)

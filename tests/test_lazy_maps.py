@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 
-from edge_ad.converters.convert import convert
 from edge_ad.data import MVTecDataset
 from edge_ad.runtime import Detector, read_image
 from edge_ad.runtime.result import LazyMapsResult
@@ -17,9 +16,8 @@ CATEGORY = "mvtec_hazelnut_256"
 
 
 @pytest.fixture(scope="module")
-def bundle(knn_run, real_root, tmp_path_factory):
-    return convert(knn_run, "onnx-cpu", tmp_path_factory.mktemp("lazy_b") / "onnx", precision="fp32",
-                   calib_count=8, val_data=real_root, progress=False)
+def bundle(onnx_bundle):
+    return onnx_bundle
 
 
 @pytest.fixture(scope="module")

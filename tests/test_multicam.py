@@ -22,10 +22,8 @@ CAMS = ("cam_top", "cam_side", "cam_end", "cam_back")
 
 
 @pytest.fixture(scope="module")
-def det(knn_run, real_root, tmp_path_factory):
-    path = convert(knn_run, "onnx-cpu", tmp_path_factory.mktemp("multicam_b") / "onnx", precision="fp32",
-                   calib_count=8, val_data=real_root, progress=False)
-    return Detector.load(path)
+def det(onnx_bundle):
+    return Detector.load(onnx_bundle)
 
 
 @pytest.fixture(scope="module")

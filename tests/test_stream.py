@@ -20,10 +20,8 @@ FAST = ReconnectPolicy(initial_delay=0.01, factor=2.0, max_delay=0.05, max_attem
 
 
 @pytest.fixture(scope="module")
-def onnx_det(knn_run, real_root, tmp_path_factory):
-    path = convert(knn_run, "onnx-cpu", tmp_path_factory.mktemp("stream_b") / "onnx", precision="fp32",
-                   calib_count=8, val_data=real_root, progress=False)
-    return Detector.load(path)
+def onnx_det(onnx_bundle):
+    return Detector.load(onnx_bundle)
 
 
 @pytest.fixture(scope="module")
