@@ -117,7 +117,7 @@ class _TeacherTargets:
     """
 
     def __init__(self, teacher: Any, student_size: tuple[int, int], student_grid: tuple[int, int],
-                 want_features: bool) -> None:
+                 want_features: bool, feature_transform: Any = None) -> None:
         from edge_ad.methods.common import fuse_feature_maps
 
         self.teacher = teacher
@@ -125,6 +125,8 @@ class _TeacherTargets:
         self.size = student_size
         self.grid = student_grid
         self.want_features = want_features
+        # Applied to the teacher features on the student grid (the bank student's local aggregation).
+        self.feature_transform = feature_transform
         self._captured: list[Any] = []
         if want_features:
             teacher.backbone.register_forward_hook(
@@ -148,6 +150,8 @@ class _TeacherTargets:
                 self.teacher.extract_features(x)
         maps = _resample(raw.anomaly_map.float(), self.size)
         feats = _resample(self._captured[-1].float(), self.grid) if self.want_features else None
+        if feats is not None and self.feature_transform is not None:
+            feats = self.feature_transform(feats)
         self._captured.clear()
         return maps, raw.score.float(), feats
 
@@ -211,6 +215,38 @@ def _synthetic_pool(size: int, images: list[np.ndarray], foregrounds: list[np.nd
             feats)
 
 
+#: Bank entries when ``StudentConfig.bank_size`` is 0 (the knn teachers' usual cap).
+DEFAULT_BANK_SIZE = 1000
+
+
+def _set_student_bank(model: Any, features: Any, cfg: Any, seed: int) -> None:
+    """Give a ``map_head="bank"`` student its memory bank: a k-center greedy coreset of the good
+    patch features (P, C) of its ``bank_space`` (the teacher's on the student grid, or the student's
+    own), and the bank term's starting units (those features' own distances to that bank: mean
+    and spread over every good patch)."""
+    import torch
+
+    from edge_ad.methods.knn.coreset import k_center_greedy
+    from edge_ad.methods.knn.model import nearest_neighbor_distance
+
+    size = min(cfg.bank_size or DEFAULT_BANK_SIZE, features.shape[0])
+    bank = features[k_center_greedy(features, size, seed=seed).to(features.device)]
+    center = bank.double().mean(dim=0).float()
+    dist = torch.cat([nearest_neighbor_distance(chunk[None], bank, None, center)[0]
+                      for chunk in features.split(4096)]).double()
+    # Bank members are at distance 0 from themselves: when the bank holds (nearly) every good patch
+    # the spread of ``dist`` collapses, so the unit is at least the typical spacing between bank
+    # entries (median distance of an entry to its nearest other entry).
+    spacing = 0.0
+    if bank.shape[0] > 1:
+        b = (bank - center).double()
+        sq = b.pow(2).sum(dim=1)
+        d2 = sq[:, None] + sq[None, :] - 2.0 * b @ b.t()
+        d2.fill_diagonal_(float("inf"))
+        spacing = float(d2.min(dim=1).values.clamp_min(0).sqrt().median())
+    model.set_memory_bank(bank, float(dist.mean()), max(float(dist.std()), spacing, 1e-6))
+
+
 def distillation_fidelity(teacher: Any, student: Any, data: str | Path, category: str, *,
                           batch_size: int = 8) -> Any:
     """Teacher vs student on ``data/category``'s test split, as a :class:`FidelityReport`.
@@ -228,7 +264,7 @@ def distillation_fidelity(teacher: Any, student: Any, data: str | Path, category
         torch_runner(teacher), _StudentOnTeacherInput(student, teacher.preprocess_spec), dataset,
         spec=teacher.preprocess_spec, batch_size=batch_size, reference_name=f"teacher-{teacher.method}-pytorch",
         metrics=("image_auroc", "pixel_auroc", "aupro"), description=f"{Path(data).name}/{category} test",
-        extra={"teacher": dict(student.config.teacher), "student_backbone": student.config.backbone.name,
+        extra={"teacher": dict(getattr(student.config, "teacher", {}) or {}), "student_backbone": student.config.backbone.name,
                "student_input_size": list(student.image_size)},
     )
 
@@ -416,6 +452,10 @@ def distill(
         teacher = load_detector(run_dir, device=dev).eval()
         teacher.requires_grad_(False)
         feature_weight = float(options.get("feature_weight", StudentConfig.feature_weight))
+        # Teacher features are needed for the feature term and for a bank in the teacher's space.
+        needs_teacher_features = feature_weight > 0 or (
+            options.get("map_head", StudentConfig.map_head) == "bank"
+            and options.get("bank_space", StudentConfig.bank_space) == "teacher")
         provenance = {
             "run_dir": str(run_dir.resolve()),
             "method": teacher.method,
@@ -433,16 +473,17 @@ def distill(
         s_size = tuple(int(v) for v in backbone.info.img_size)
         # Smoothing is in input pixels: scale the teacher's so it covers the same object area.
         sigma = teacher.config.smoothing_sigma * s_size[0] / teacher.image_size[0]
-        options.setdefault("adapter_dim", teacher.feature_dim if feature_weight > 0 else 0)
+        options.setdefault("adapter_dim", teacher.feature_dim if needs_teacher_features else 0)
         cfg = StudentConfig(backbone=spec, resize=teacher.config.resize, smoothing_sigma=round(sigma, 4),
                             teacher=provenance, **options)
         model = StudentDetector(cfg, backbone=backbone).to(dev)
         cfg = model.config  # type: ignore[assignment]
-        want_features = cfg.feature_weight > 0 and cfg.adapter_dim == teacher.feature_dim
-        if cfg.feature_weight > 0 and not want_features:
-            raise ValueError(f"feature_weight > 0 needs adapter_dim == the teacher's feature width "
-                             f"({teacher.feature_dim}), got {cfg.adapter_dim}; set adapter_dim or feature_weight=0")
-        targets = _TeacherTargets(teacher, model.image_size, model.grid_size, want_features)
+        want_features = needs_teacher_features and cfg.adapter_dim == teacher.feature_dim
+        if needs_teacher_features and not want_features:
+            raise ValueError(f"feature_weight > 0 and bank_space='teacher' need adapter_dim == the teacher's feature "
+                             f"width ({teacher.feature_dim}), got {cfg.adapter_dim}; leave adapter_dim unset")
+        targets = _TeacherTargets(teacher, model.image_size, model.grid_size, want_features,
+                                  model.aggregate if cfg.map_head == "bank" else None)
 
         images, image_paths = _load_good_images(data, category, None, seed)
         t0 = time.perf_counter()
@@ -464,10 +505,33 @@ def distill(
         score_scale = max(stats["score_scale"], 1e-12)
         model.set_target_units(stats["map_loc"], map_scale, stats["score_loc"], score_scale)
 
+        feature_norm = 1.0
+        if clean_feats is not None:
+            flat = clean_feats.permute(0, 2, 3, 1).reshape(-1, clean_feats.shape[1])
+            feature_norm = max(float((flat.double() - flat.double().mean(dim=0)).pow(2).sum(dim=1).mean()), 1e-12)
+            if cfg.map_head == "bank" and cfg.bank_space == "teacher":
+                _set_student_bank(model, flat, cfg, seed)
+        if cfg.map_head == "bank" and cfg.bank_space == "student":
+            with torch.no_grad():
+                own = torch.cat([model.aggregate(model.extract_features(c)) for c in clean_x.split(_CHUNK)])
+            _set_student_bank(model, own.permute(0, 2, 3, 1).reshape(-1, own.shape[1]), cfg, seed)
+        cfg = model.config  # type: ignore[assignment]  (bank_size written back)
+
         foregrounds = [foreground_mask(img) for img in images]
         synthesizers = (CutPaste(), PerlinAnomaly())
         pool = _synthetic_pool(cfg.synthetic_pool, images, foregrounds, synthesizers, targets, s_spec, seed, dev,
                                progress and dist_ctx.is_main)
+
+        # With fixed inputs (clean images + a synthetic pool, or no synthetic samples) the frozen
+        # student backbone's features are fixed too: computed once, a step costs only the head.
+        cache_features = pool is not None or cfg.synthetic_fraction == 0.0
+        clean_sf = pool_sf = None
+        if cache_features:
+            with torch.no_grad():
+                model.eval()
+                clean_sf = torch.cat([model.extract_features(c) for c in clean_x.split(_CHUNK)])
+                if pool is not None:
+                    pool_sf = torch.cat([model.extract_features(c) for c in pool[0].split(_CHUNK)])
 
         def make_batch(step: int, rank: int) -> StudentBatch:
             rng = np.random.default_rng(step_seed(seed, step, rank))
@@ -476,10 +540,13 @@ def distill(
             idx = torch.from_numpy(pick).to(dev)
             x, tmap, tscore = clean_x[idx].clone(), clean_maps[idx].clone(), clean_scores[idx].clone()
             tfeat = clean_feats[idx].clone() if clean_feats is not None else None
+            sfeat = clean_sf[idx].clone() if clean_sf is not None else None
             if synthetic and pool is not None:
                 sel = torch.tensor(synthetic, device=dev)
                 src = torch.from_numpy(rng.integers(0, len(pool[0]), size=len(synthetic))).to(dev)
                 x[sel], tmap[sel], tscore[sel] = pool[0][src], pool[1][src], pool[2][src]
+                if sfeat is not None:
+                    sfeat[sel] = pool_sf[src]  # type: ignore[index]
                 if tfeat is not None:
                     tfeat[sel] = pool[3][src]
             elif synthetic:
@@ -493,7 +560,8 @@ def distill(
                 tmap[sel], tscore[sel] = m_, s_
                 if tfeat is not None:
                     tfeat[sel] = f_
-            return StudentBatch(x, tmap, tscore, tfeat, map_scale, score_scale, cfg.feature_weight, cfg.score_weight)
+            return StudentBatch(x, tmap, tscore, tfeat, map_scale, score_scale, cfg.feature_weight, cfg.score_weight,
+                                cfg.feature_loss, feature_norm, sfeat)
 
         fit_cfg = FitConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, amp=amp,
                             warmup_steps=min(20, cfg.steps // 10), min_lr_ratio=0.05,

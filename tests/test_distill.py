@@ -283,3 +283,87 @@ def test_retained_verdict_needs_every_measurable_auroc_and_refuses_unmeasurable(
     empty = retained_fidelity(report({}, 0), 0.0, (448, 448))
     assert empty["ok"] is False and empty["gated_on"] == []
     assert "not verified" in str(DistillationBelowFloorError(Path("runs/s"), empty))
+
+
+# ------------------------------------------------------------------ the bank head (default student)
+def test_bank_student_computes_the_teacher_knn_when_its_adapter_is_exact(real_root):
+    """The bank head *is* the teacher's knn function evaluated on predicted teacher features.
+
+    Student and teacher share a backbone and input size, the adapter is the identity and the bank
+    holds every good teacher patch (teacher coreset ratio 1): the student's patch distances must
+    then equal the teacher's knn distances exactly (up to float rounding), with the same 3x3
+    local aggregation. Breaking the aggregation, the bank or the distance breaks this.
+    """
+    from edge_ad.converters.distill import _set_student_bank
+    from edge_ad.data import MVTecDataset
+    from edge_ad.methods import BackboneSpec
+    from edge_ad.methods.knn import KNNConfig, KNNDetector
+    from edge_ad.methods.student import StudentConfig, StudentDetector
+    from edge_ad.runtime import preprocess_batch
+
+    torch.manual_seed(0)
+    spec = BackboneSpec("dinov3_vits16", layers=(1,), img_size=(64, 64), pretrained=False, overrides=TINY)
+    teacher = KNNDetector(KNNConfig(backbone=spec, coreset_ratio=1.0, smoothing_sigma=0.0)).eval()
+    good = list(MVTecDataset(real_root, CATEGORY, "train"))[:3]
+    x_good = torch.from_numpy(preprocess_batch([s.image for s in good], teacher.preprocess_spec, color_order="rgb"))
+    teacher.fit(x_good, progress=False)
+
+    cfg = StudentConfig(backbone=spec, map_head="bank", head_depth=0, adapter_dim=teacher.feature_dim,
+                        bank_size=10_000, smoothing_sigma=0.0)
+    student = StudentDetector(cfg, backbone=teacher.backbone).eval()
+    with torch.no_grad():
+        student.adapter.weight.copy_(torch.eye(teacher.feature_dim)[:, :, None, None])
+        student.adapter.bias.zero_()
+        feats = student.aggregate(teacher.extract_features(x_good))
+    _set_student_bank(student, feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]), student.config, seed=0)
+    assert student.memory_bank.shape[0] == teacher.bank_size == 3 * teacher.num_patches
+
+    test = [s.image for s in list(MVTecDataset(real_root, CATEGORY, "test"))[:3]]
+    x = torch.from_numpy(preprocess_batch(test, teacher.preprocess_spec, color_order="rgb"))
+    with torch.no_grad():
+        expected = teacher.patch_scores(x)
+        got = student.bank_distance(student._zmap(x)[1])
+    assert float(expected.abs().max()) > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_cached_student_features_give_the_same_loss_as_the_live_backbone(student_run, real_root):
+    """distill caches the frozen backbone's features when its inputs are fixed: same loss, same grads."""
+    from edge_ad.data import MVTecDataset
+    from edge_ad.methods.student.loss import StudentBatch, distillation_loss
+    from edge_ad.runtime import preprocess_batch
+
+    student = load_detector(student_run)
+    student.train()
+    images = [s.image for s in list(MVTecDataset(real_root, CATEGORY, "test"))[:2]]
+    x = torch.from_numpy(preprocess_batch(images, student.preprocess_spec, color_order="rgb"))
+    with torch.no_grad():
+        feats = student.extract_features(x)
+        out = student(x, True)
+    target_map = out.anomaly_map + 0.3
+    kwargs = dict(target_score=out.score - 1.0, target_features=out.aligned.flip(0), map_scale=2.0, score_scale=3.0,
+                  feature_loss="mse", feature_norm=5.0)
+    losses, grads = [], []
+    for cached in (None, feats):
+        student.zero_grad()
+        loss = distillation_loss(student, StudentBatch(x, target_map, student_features=cached, **kwargs))
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append(torch.cat([p.grad.flatten() for p in student.trainable_parameters() if p.grad is not None]))
+    assert losses[0] > 0 and losses[0] == pytest.approx(losses[1], rel=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="features must be"):
+        student(x, True, feats[:, :1])
+
+
+def test_bank_student_options_are_validated():
+    from edge_ad.methods.student import StudentConfig
+
+    with pytest.raises(ValueError, match="map_head"):
+        StudentConfig(map_head="mlp")
+    with pytest.raises(ValueError, match="feature_loss"):
+        StudentConfig(feature_loss="l1")
+    with pytest.raises(ValueError, match="local_aggregation"):
+        StudentConfig(local_aggregation=2)
+    with pytest.raises(ValueError, match="head_depth"):
+        StudentConfig(map_head="regress", head_depth=0)

@@ -10,7 +10,7 @@ METHOD = MethodEntry(
     name="student",
     config_class=StudentConfig,
     detector_class=StudentDetector,
-    description="distilled: small frozen encoder + conv head regressing a teacher detector's maps and scores "
+    description="distilled: small frozen encoder + memory bank + conv head fitted to a teacher detector's maps and scores "
     "(train with `edge-ad distill`)",
 )
 
