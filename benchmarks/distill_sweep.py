@@ -92,7 +92,8 @@ def run_variant(args: argparse.Namespace, category: str, variant: str) -> dict[s
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    cats = list(dict.fromkeys(r["category"] for r in rows))
+    seen = set(r["category"] for r in rows)
+    cats = [c for c in args.categories if c in seen] + sorted(seen - set(args.categories))
     by = {(r["category"], r["variant"]): r for r in rows}
     head = "| variant | " + " | ".join(cats) + " | min |"
     lines = [f"Teacher: knn (bank {args.max_bank_size}) on EfficientNet-Lite0 layers 2+3 at {args.teacher_size} px; "
@@ -110,7 +111,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             i = r.get("image_auroc", {}).get("retained", float("nan")) * 100
             worst.append(p)
             cells.append(f"{p:.1f} / {i:.1f} / {r['map_pearson_r']:.2f}")
-        size = by[(cats[0], variant)]["input_size"] if (cats[0], variant) in by else ""
+        size = next(r["input_size"] for r in rows if r["variant"] == variant)
         lines.append(f"| {variant} ({size} px) | " + " | ".join(cells) + f" | {min(worst):.1f} |")
     lines.append("")
     lines.append("Teacher AUROC (pixel / image): " + ", ".join(
@@ -121,8 +122,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--work-dir", required=True)
+    ap.add_argument("--data")
+    ap.add_argument("--work-dir")
     ap.add_argument("--categories", nargs="+", default=list(DEFAULT_CATEGORIES))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--teacher-size", type=int, default=320)
@@ -132,8 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-pool", type=int, default=240)
     ap.add_argument("--json")
     ap.add_argument("--markdown")
+    ap.add_argument("--collect", nargs="+", metavar="JSON",
+                    help="no runs: one table from the rows of earlier --json files (later files win)")
     args = ap.parse_args(argv)
 
+    if args.collect:
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for path in args.collect:
+            doc = json.loads(Path(path).read_text())
+            for row in doc["rows"]:
+                merged[(row["category"], row["variant"])] = row
+        order = {c: i for i, c in enumerate(args.categories)}
+        vorder = {v: i for i, v in enumerate(VARIANTS)}
+        rows = sorted(merged.values(), key=lambda r: (vorder.get(r["variant"], 99), order.get(r["category"], 99)))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        table = markdown(rows, args)
+        if args.markdown:
+            Path(args.markdown).write_text(table)
+        print(table)
+        return 0
+
+    if not (args.data and args.work_dir):
+        ap.error("--data and --work-dir are required (except with --collect)")
     from edge_ad.training import train
 
     rows: list[dict[str, Any]] = []
