@@ -25,6 +25,8 @@ the Pearson r of the two normalised maps. The variants, one suspected cause each
 * ``bank+head`` - ``bank`` plus the conv head as a residual correction.
 * ``bank-own`` - the bank in the student's own feature space (its aggregated good features),
   gain / offset + residual conv head on the adapter output regress the teacher's map.
+* ``bank-lean`` - the default: ``bank-own`` without the residual head (no adapter in the graph;
+  the teacher sets the bank term's gain / offset and trains the image-score head).
 * ``knn@student`` - reference, not a distillation: the teacher's method refitted at the
   student's size on the student's backbone (what resolution alone costs).
 
@@ -55,6 +57,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "bank+head": ("student", {"map_head": "bank", "bank_space": "teacher", "head_depth": 2, "feature_loss": "mse", "feature_weight": 1.0}),
     "bank-own": ("student", {"map_head": "bank", "bank_space": "student", "head_depth": 2, "feature_loss": "mse",
                              "feature_weight": 1.0}),
+    "bank-lean": ("student", {"map_head": "bank", "bank_space": "student", "head_depth": 0}),
     "knn@student": ("student", {}),
 }
 

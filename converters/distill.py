@@ -453,9 +453,9 @@ def distill(
         teacher.requires_grad_(False)
         feature_weight = float(options.get("feature_weight", StudentConfig.feature_weight))
         # Teacher features are needed for the feature term and for a bank in the teacher's space.
-        needs_teacher_features = feature_weight > 0 or (
-            options.get("map_head", StudentConfig.map_head) == "bank"
-            and options.get("bank_space", StudentConfig.bank_space) == "teacher")
+        probe = StudentConfig(**{k: v for k, v in options.items() if k != "adapter_dim"})
+        needs_teacher_features = (feature_weight > 0 and probe.reads_adapter()) or (
+            probe.map_head == "bank" and probe.bank_space == "teacher")
         provenance = {
             "run_dir": str(run_dir.resolve()),
             "method": teacher.method,

@@ -48,12 +48,16 @@ class StudentConfig(MethodConfig):
             be aligned with the teacher's features); 0 = no adapter, the head reads the student
             features directly.
         head_dim: width of the head's 3x3 convolutions.
-        head_depth: number of 3x3 conv + ReLU layers before the final 1x1 conv to one channel
-            (``map_head="bank"``: 0 = no residual head).
+        head_depth: number of 3x3 conv + ReLU layers before the final 1x1 conv to one channel;
+            None = 2 for ``map_head="regress"``, 0 (no residual head) for ``"bank"``: measured,
+            the residual head trained on synthetic defects did not help the bank on real ones
+            and costs as much as a third of the student's INT8 time (docs/DISTILLATION.md).
         top_k: the image-score head reads max, mean and the mean of the ``top_k`` largest patch
             values of the predicted map (clamped to the patch count when built).
         feature_weight: weight of the feature-alignment loss (per patch; 0 disables it, and with
-            ``map_head="regress"`` ``distill`` then builds no adapter).
+            ``map_head="regress"`` ``distill`` then builds no adapter). It applies only where
+            something reads the adapter (:meth:`reads_adapter`): a bank in the student's own
+            space without a residual head has no adapter and no feature term.
         feature_loss: ``"cosine"`` (1 - cosine: direction only, the teacher's feature scale is
             ignored) or ``"mse"`` (squared error divided by the teacher features' variance:
             what a distance in the teacher's feature space needs, since distances depend on scale).
@@ -81,7 +85,7 @@ class StudentConfig(MethodConfig):
     local_aggregation: int = 3
     adapter_dim: int = 0
     head_dim: int = 64
-    head_depth: int = 2
+    head_depth: int | None = None
     top_k: int = 10
     feature_weight: float = 1.0
     feature_loss: str = "mse"
@@ -93,6 +97,10 @@ class StudentConfig(MethodConfig):
     synthetic_fraction: float = 0.5
     synthetic_pool: int = 0
     teacher: dict[str, Any] = field(default_factory=dict)
+
+    def reads_adapter(self) -> bool:
+        """Whether the map reads the adapter (regression or residual head, or a teacher-space bank)."""
+        return self.map_head == "regress" or bool(self.head_depth) or self.bank_space == "teacher"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StudentConfig":
@@ -111,6 +119,8 @@ class StudentConfig(MethodConfig):
             raise ValueError(f"bank_space must be 'teacher' or 'student', got {self.bank_space!r}")
         if self.feature_loss not in ("cosine", "mse"):
             raise ValueError(f"feature_loss must be 'cosine' or 'mse', got {self.feature_loss!r}")
+        if self.head_depth is None:
+            self.head_depth = 2 if self.map_head == "regress" else 0
         for name in ("adapter_dim", "synthetic_pool", "bank_size", "head_depth", "local_aggregation"):
             value = getattr(self, name)
             if int(value) != value or int(value) < 0:

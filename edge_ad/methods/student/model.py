@@ -90,7 +90,8 @@ class StudentDetector(AnomalyDetector):
             raise ValueError("map_head='bank' needs an adapter into the teacher's feature space: set adapter_dim "
                              "to the teacher's feature width (distill does this)")
         width = cfg.adapter_dim or self.feature_dim
-        self.adapter: nn.Module = nn.Conv2d(self.feature_dim, cfg.adapter_dim, 1) if cfg.adapter_dim else nn.Identity()
+        self.adapter: nn.Module = (nn.Conv2d(self.feature_dim, cfg.adapter_dim, 1)
+                                   if cfg.adapter_dim and cfg.reads_adapter() else nn.Identity())
         self.head: nn.Module | None = None
         if cfg.head_depth:
             layers: list[nn.Module] = []
@@ -175,11 +176,15 @@ class StudentDetector(AnomalyDetector):
     def _zmap(self, images: torch.Tensor, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(z-map (B, 1, h, w), adapter output (B, A, h, w)) of normalised images (B, 3, H, W), or of
         their precomputed backbone features (B, C_s, h, w) when given (the backbone is frozen)."""
+        cfg: StudentConfig = self.config  # type: ignore[assignment]
         feats = self.extract_features(images) if features is None else features
+        if not cfg.reads_adapter():  # own-space bank alone: the adapter is not in the graph
+            aligned = self.aggregate(feats)
+            return self.bank_gain * self.bank_distance(aligned) + self.bank_offset, aligned  # type: ignore[operator]
         aligned = self.aggregate(self.adapter(feats))
         if self.bank_gain is None:
             return self.head(aligned), aligned  # type: ignore[misc]
-        own = self.config.bank_space == "student"  # type: ignore[attr-defined]
+        own = cfg.bank_space == "student"
         z = self.bank_gain * self.bank_distance(self.aggregate(feats) if own else aligned) + self.bank_offset
         if self.head is not None:
             z = z + self.head(aligned)
