@@ -244,7 +244,7 @@ def _set_student_bank(model: Any, features: Any, cfg: Any, seed: int) -> None:
         d2 = sq[:, None] + sq[None, :] - 2.0 * b @ b.t()
         d2.fill_diagonal_(float("inf"))
         spacing = float(d2.min(dim=1).values.clamp_min(0).sqrt().median())
-    model.set_memory_bank(bank, float(dist.mean()), max(float(dist.std()), spacing, 1e-6))
+    model.set_memory_bank(bank, float(dist.mean()), max(float(dist.std()), spacing, 1e-6), 0.1 * spacing)
 
 
 def distillation_fidelity(teacher: Any, student: Any, data: str | Path, category: str, *,
