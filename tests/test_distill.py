@@ -376,3 +376,32 @@ def test_bank_student_options_are_validated():
         StudentConfig(local_aggregation=2)
     with pytest.raises(ValueError, match="head_depth"):
         StudentConfig(map_head="regress", head_depth=0)
+
+
+def test_student_runs_written_before_the_bank_head_load_as_regression_students(student_run, tmp_path):
+    """A student run from before ``map_head`` existed: config without the new keys, tensors without
+    the bank. It must load as the regression student it was trained as, not as an empty bank."""
+    import shutil
+
+    import yaml
+
+    from edge_ad.methods import BackboneSpec
+    from edge_ad.methods.checkpoint import save_checkpoint
+    from edge_ad.methods.student import StudentConfig, StudentDetector
+
+    doc = load_checkpoint_config(student_run)
+    spec = BackboneSpec(**doc["backbone"])
+    old = StudentDetector(StudentConfig(backbone=spec, map_head="regress", feature_loss="cosine",
+                                        feature_weight=0.5, adapter_dim=8))
+    assert not hasattr(old, "memory_bank")  # the tensors an old run has, no more
+    run = save_checkpoint(old, tmp_path / "old_student")
+    cfg_path = run / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    for key in ("map_head", "bank_space", "bank_size", "local_aggregation", "feature_loss"):
+        cfg["config"].pop(key)
+    cfg["config"]["feature_weight"] = 0.5
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    loaded = load_detector(run)
+    assert loaded.config.map_head == "regress" and loaded.config.feature_loss == "cosine"
+    assert loaded.config.head_depth == 2 and loaded.bank_gain is None
+    shutil.rmtree(run)
