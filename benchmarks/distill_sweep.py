@@ -27,6 +27,7 @@ the Pearson r of the two normalised maps. The variants, one suspected cause each
   gain / offset + residual conv head on the adapter output regress the teacher's map.
 * ``bank-lean`` - the default: ``bank-own`` without the residual head (no adapter in the graph;
   the teacher sets the bank term's gain / offset and trains the image-score head).
+* ``bank-lean@192`` - the default at 192 px (speed margin over a 320 px teacher).
 * ``knn@student`` - reference, not a distillation: the teacher's method refitted at the
   student's size on the student's backbone (what resolution alone costs).
 
@@ -42,8 +43,8 @@ from typing import Any
 
 DEFAULT_CATEGORIES = ("mvtec_hazelnut_256", "mvtec_transistor_256", "magnetic_tile", "bsdata_pitting")
 
-#: variant -> (student image size: "student" | "teacher", StudentConfig options).
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+#: variant -> (student image size: "student" | "teacher" | pixels, StudentConfig options).
+VARIANTS: dict[str, tuple[str | int, dict[str, Any]]] = {
     # The old default: cosine feature term (weight 0.5), 2 x 64 head.
     "regress": ("student", {"map_head": "regress", "feature_loss": "cosine", "feature_weight": 0.5}),
     "regress@teacher": ("teacher", {"map_head": "regress", "feature_loss": "cosine", "feature_weight": 0.5}),
@@ -58,6 +59,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "bank-own": ("student", {"map_head": "bank", "bank_space": "student", "head_depth": 2, "feature_loss": "mse",
                              "feature_weight": 1.0}),
     "bank-lean": ("student", {"map_head": "bank", "bank_space": "student", "head_depth": 0}),
+    "bank-lean@192": (192, {"map_head": "bank", "bank_space": "student", "head_depth": 0}),
     "knn@student": ("student", {}),
 }
 
@@ -72,7 +74,7 @@ def run_variant(args: argparse.Namespace, category: str, variant: str) -> dict[s
     work = Path(args.work_dir) / category
     teacher_dir, out = work / "teacher", work / variant
     size_kind, options = VARIANTS[variant]
-    size = args.teacher_size if size_kind == "teacher" else args.student_size
+    size = size_kind if isinstance(size_kind, int) else args.teacher_size if size_kind == "teacher" else args.student_size
     seconds = None
     if not (out / "model.safetensors").exists():
         t0 = time.perf_counter()
