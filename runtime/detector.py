@@ -47,7 +47,8 @@ import numpy as np
 
 from ._cv import cv2_available, require_cv2
 from .bundle import Bundle, load_bundle
-from .engines import DEFAULT_SLOTS, Engine, create_engine
+from .cpu_budget import CpuBudget, plan_cpu_budget
+from .engines import DEFAULT_SLOTS, Engine, create_engine, runs_on_cpu
 from .preprocessing import COLOR_ORDERS, _apply_roi, _axis_taps, _check_frame, _is_int, preprocess_batch
 from .result import LazyMapsResult, Region, Result
 
@@ -125,7 +126,7 @@ class Detector:
     """Runs a bundle on the engine it was made for. Build with :meth:`load`."""
 
     def __init__(self, bundle: Bundle, engine: Engine, *, regions: bool = True, map_resolution: str = "frame",
-                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> None:
+                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS, cpu_budget: CpuBudget | None = None) -> None:
         if map_resolution not in MAP_RESOLUTIONS:
             raise ValueError(f"map_resolution must be one of {MAP_RESOLUTIONS}, got {map_resolution!r}")
         if isinstance(max_frame_pixels, bool) or not isinstance(max_frame_pixels, int) or max_frame_pixels < 4:
@@ -136,6 +137,9 @@ class Detector:
         self.regions = bool(regions)
         self.map_resolution = map_resolution
         self.max_frame_pixels = max_frame_pixels
+        #: How the cores are split between the engine's threads and a stream's (docs/MULTI_CAMERA.md);
+        #: an engine built elsewhere keeps its own threads (policy "engine").
+        self.cpu_budget = cpu_budget if cpu_budget is not None else plan_cpu_budget(cpu_engine=False)
         self._lock = threading.Lock()  # slot 0: predict, and streams on a single-slot engine
         self._stream_lease = threading.Lock()  # slots 1..N: one stream at a time
         self._warned = False
@@ -152,7 +156,7 @@ class Detector:
     def load(cls, bundle: Bundle | str | os.PathLike, device: str = "auto", *, regions: bool = True,
              verify: bool = True, slots: int = DEFAULT_SLOTS, map_resolution: str = "frame",
              max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
-             verify_key: str | os.PathLike | None = None) -> "Detector":
+             verify_key: str | os.PathLike | None = None, engine_threads: int | None = None) -> "Detector":
         """Load a bundle (directory, ``.tar`` or :class:`Bundle`) on its engine.
 
         Args:
@@ -175,6 +179,12 @@ class Detector:
                 :data:`DEFAULT_MAX_FRAME_PIXELS` = 8192 x 8192); larger ones raise ValueError.
             verify_key: PEM file of the Ed25519 public key the bundle must be signed with; unsigned
                 or foreign bundles are refused (:mod:`edge_ad.runtime.bundle.signing`).
+            engine_threads: the engine's CPU inference threads (OpenVINO ``INFERENCE_NUM_THREADS``,
+                onnxruntime ``intra_op_num_threads``), 1 .. usable cores; the remaining cores
+                (at least one) are the stream's preprocessing threads. None = the default
+                policy (:func:`~edge_ad.runtime.cpu_budget.plan_cpu_budget`, measured in
+                docs/MULTI_CAMERA.md). Not for engines off the CPU (TensorRT, GPU / NPU devices):
+                ValueError. The result is :attr:`cpu_budget` (also in ``stream.stats.cpu_budget``).
 
         Raises:
             ImportError: the engine's package (onnxruntime / openvino / tensorrt + CUDA bindings) is
@@ -191,9 +201,11 @@ class Detector:
             bundle.check_signature(verify_key)
         if not isinstance(device, str) or not device:
             raise ValueError(f"device must be a non-empty string ('auto', 'CPU', ...), got {device!r}")
-        engine = create_engine(bundle, device, slots=slots)
+        budget = plan_cpu_budget(engine_threads, cpu_engine=runs_on_cpu(bundle, device))
+        engine = create_engine(bundle, device, slots=slots, threads=budget.engine_threads)
         check_engine_io(bundle, engine)
-        return cls(bundle, engine, regions=regions, map_resolution=map_resolution, max_frame_pixels=max_frame_pixels)
+        return cls(bundle, engine, regions=regions, map_resolution=map_resolution, max_frame_pixels=max_frame_pixels,
+                   cpu_budget=budget)
 
     def __repr__(self) -> str:
         m = self.bundle.manifest
@@ -351,7 +363,8 @@ class Detector:
         if slot == 0:
             self._lock.acquire()
         try:
-            self._preprocess_into(slot, views, color_order)
+            # Inside a stream, preprocessing overlaps the engine: it keeps to the budget's share.
+            self._preprocess_into(slot, views, color_order, self.cpu_budget.preprocess_threads)
             self.engine.start(slot, len(views))
         except BaseException:
             if slot == 0:
@@ -519,19 +532,20 @@ class Detector:
                 t_inf += (t2 - t1) * 1e3
         return np.concatenate(maps), np.concatenate(scores), t_pre, t_inf
 
-    def _preprocess_into(self, slot: int, views: list[np.ndarray], color_order: str) -> None:
+    def _preprocess_into(self, slot: int, views: list[np.ndarray], color_order: str, num_threads: int = 0) -> None:
         """Resize + normalise ``views`` straight into the engine slot's input (GPU when the engine can).
 
         Engines with their own ``preprocess`` (TensorRT with the CUDA extension: uint8 frames are
         uploaded and the kernel writes the device input) take the frames; the others expose a host
         buffer that the C++ extension fills in place. Either way there is no intermediate copy.
+        ``num_threads``: the extension's threads (0 = automatic).
         """
         own = getattr(self.engine, "preprocess", None)
         if own is not None:
             own(slot, views, self.spec, color_order=color_order)
             return
         buf = self.engine.slot_buffer(slot, len(views))
-        preprocess_batch(views, self.spec, color_order=color_order, out=buf[: len(views)])
+        preprocess_batch(views, self.spec, color_order=color_order, out=buf[: len(views)], num_threads=num_threads)
 
 
     def calibrate(self, good_frames: Any, target_fpr: float = 0.01, **kwargs: Any) -> Any:

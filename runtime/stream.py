@@ -190,6 +190,9 @@ class StreamStats:
         batch: frames per engine call (the model's static batch; 1 when dynamic).
         batches: engine calls made.
         batch_fill: frames inferred / (batches * batch): 1.0 = every call full, lower = padding.
+        cpu_budget: the detector's :class:`~edge_ad.runtime.cpu_budget.CpuBudget` as a dict
+            (``cores``, ``engine_threads``, ``preprocess_threads``, ``policy``) plus
+            ``engine_reported``: the engine's threads as the engine itself reports them.
     """
 
     source: str
@@ -210,6 +213,7 @@ class StreamStats:
     batch: int = 1
     batches: int = 0
     batch_fill: float = 0.0
+    cpu_budget: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dropped_total(self) -> int:
@@ -481,6 +485,8 @@ class _Pipeline:
             total.batch = self.batch
             total.batches = self._batches
             total.batch_fill = self._batched_frames / (self._batches * self.batch) if self._batches else 0.0
+            total.cpu_budget = {**self.detector.cpu_budget.to_dict(),
+                                "engine_reported": getattr(self.detector.engine, "threads", None)}
             return total
 
     def start(self) -> "_Pipeline":
@@ -933,7 +939,8 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
                lossless: bool | None = None, max_frames: int | None = None, device: str = "auto",
                roi: tuple[int, int, int, int] | None = None, color_order: str = "bgr", queue_size: int = 2,
                reconnect: bool | ReconnectPolicy = True, progress: bool = True,
-               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, reduced_decode: bool = False) -> StreamStats:
+               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, reduced_decode: bool = False,
+               engine_threads: int | None = None) -> StreamStats:
     """Stream a bundle over a source, writing JSON lines / an overlay video / a window. ``edge-ad run``.
 
     Args:
@@ -949,6 +956,8 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
         lossless, max_frames, roi, color_order, queue_size, reconnect, batch_wait_ms,
             reduced_decode: as :meth:`Detector.stream`.
         device: engine device (``"auto"`` = the bundle target's).
+        engine_threads: the engine's CPU threads, as :meth:`~edge_ad.runtime.Detector.load`
+            (None = the default budget); refused with a loaded detector (it has its engine already).
         progress: a tqdm bar (when tqdm is installed) counting results.
 
     Returns:
@@ -964,7 +973,10 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
     if (show or save) and len(split_sources(source)) > 1:
         raise ValueError("show / save draw one camera's video; with several sources write --jsonl (each record "
                          "names its source) or run one camera with --show / --save")
-    det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device)
+    if isinstance(bundle, Detector) and engine_threads is not None:
+        raise ValueError("engine_threads is set when a detector is loaded: pass Detector.load(..., engine_threads=N) "
+                         "or a bundle path here")
+    det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device, engine_threads=engine_threads)
     draw = None
     if show or save:
         from .overlay import draw_overlay as draw  # written by the overlay module; imported only when drawing

@@ -93,3 +93,20 @@ def named_sources(specs: list[str]) -> Any:
     if len(out) == 1 and not named:
         return next(iter(out.values()))
     return out
+
+
+def engine_threads(text: str) -> int | None:
+    """``--engine-threads``: ``auto`` (None: the default CPU budget) or an int >= 1 (checked against the
+    usable cores by :func:`edge_ad.runtime.cpu_budget.check_engine_threads`)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of threads >= 1, got {text!r}") from None
+    from edge_ad.runtime.cpu_budget import check_engine_threads
+
+    try:
+        return check_engine_threads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
