@@ -106,6 +106,10 @@ class CycledSource(FrameSource):
     def last_scale(self) -> int:  # type: ignore[override]
         return self._inner.last_scale
 
+    @property
+    def last_size(self) -> tuple[int, int] | None:  # type: ignore[override]
+        return self._inner.last_size
+
     def reduce_decode(self, min_size: tuple[int, int]) -> bool:
         self._min_size = min_size
         return self._inner.reduce_decode(min_size)
@@ -250,7 +254,7 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
               json_path: str | os.PathLike | None = None, frame_size: tuple[int, int] = (480, 640),
               lossless: bool | None = None, progress: bool = True, sources: int = 1,
               batch_wait_ms: float = 2.0, map_resolution: str = "frame",
-              reduced_decode: bool = False, engine_threads: int | None = None) -> dict[str, Any]:
+              reduced_decode: bool = True, engine_threads: int | None = None) -> dict[str, Any]:
     """Benchmark a bundle: bare engine and end-to-end streaming on this device.
 
     Args:
@@ -270,7 +274,7 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
         map_resolution: as :meth:`~edge_ad.runtime.Detector.load` when ``bundle`` is not a
             loaded detector (``"lazy"``: no full-resolution map per frame).
         reduced_decode: as :meth:`~edge_ad.runtime.Detector.stream` (image folders decoded at
-            reduced size).
+            reduced size; default on, False = full decode).
         engine_threads: as :meth:`~edge_ad.runtime.Detector.load` (None = the default budget);
             refused with a loaded detector.
 

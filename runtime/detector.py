@@ -259,7 +259,7 @@ class Detector:
     def stream(self, source: Any, *, lossless: bool | None = None, queue_size: int = 2, color_order: str = "bgr",
                roi: tuple[int, int, int, int] | None = None, reconnect: bool | ReconnectPolicy = True,
                keep_frames: bool = False, max_frames: int | None = None,
-               batch_wait_ms: float = 2.0, reduced_decode: bool = False) -> Stream:
+               batch_wait_ms: float = 2.0, reduced_decode: bool = True) -> Stream:
         """Run the detector on a live source in a threaded pipeline; iterate it for :class:`Result` s.
 
         ::
@@ -297,11 +297,14 @@ class Detector:
             batch_wait_ms: with a static-batch bundle (``convert --batch N``), how long an engine
                 call waits for frames of other cameras after the first one (ms, bounded latency;
                 fewer frames are padded). Ignored for batch-1 bundles.
-            reduced_decode: decode image-folder frames at 1/2, 1/4 or 1/8 size when that keeps
-                them at least the model input's size (:class:`~edge_ad.runtime.sources.FolderSource`);
-                results are then in the decoded frame's pixels, ``Result.decode_scale`` says the
-                factor. Not applied to sources with a ROI (its pixels refer to the full frame),
-                nor to cameras, streams and video files.
+            reduced_decode: decode image-folder JPEG / PNG frames at 1/2, 1/4 or 1/8 size when
+                that keeps them at least the model input's size
+                (:class:`~edge_ad.runtime.sources.FolderSource`; default on, ``False`` decodes in
+                full). Results stay in the stored frame's pixels (maps at its size, region boxes
+                scaled to it); ``Result.decode_scale`` says the factor, ``Result.frame`` is the
+                decoded (smaller) array. Scores move by a few per cent, as the model sees a
+                differently resampled input (docs/MULTI_CAMERA.md). Not applied to sources with a
+                ROI (its pixels refer to the full frame), nor to cameras, streams and video files.
 
         Returns:
             A :class:`~edge_ad.runtime.stream.Stream` (iterable, context manager, ``stats``, ``close()``).

@@ -314,6 +314,8 @@ class _Frame:
     t_wall: float
     capture_ms: float
     decode_scale: int = 1
+    #: (H, W) the results are given in: the frame's (ROI's) as stored, also when it was decoded smaller.
+    size: tuple[int, int] = (0, 0)
     preprocess_ms: float = 0.0
     t_start: float = 0.0
 
@@ -375,7 +377,7 @@ class _Pipeline:
                  color_order: str = "bgr", roi: tuple[int, int, int, int] | None = None,
                  reconnect: bool | ReconnectPolicy = True, keep_frames: bool = False, max_frames: int | None = None,
                  batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, join_timeout: float = 5.0,
-                 reduced_decode: bool = False) -> None:
+                 reduced_decode: bool = True) -> None:
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an int >= 1 (frames), got {queue_size!r}")
         if color_order not in COLOR_ORDERS:
@@ -704,8 +706,11 @@ class _Pipeline:
                 except (TypeError, ValueError) as exc:
                     self._skip(lane, i, "bad_frame", str(exc))
                     continue
+                # A reduced-size decode (never under a ROI) is reported in the stored frame's pixels.
+                scale = lane.source.last_scale
+                size = lane.source.last_size if scale > 1 and lane.source.last_size else view.shape[:2]
                 ok, old = self._frames.put(lane.index, _Frame(lane.index, i, item, view, t_mono, t_wall, capture_ms,
-                                                                   lane.source.last_scale),
+                                                              scale, (int(size[0]), int(size[1]))),
                                            drop_oldest=drop)
                 with self._lock:
                     if old is not None:
@@ -779,7 +784,7 @@ class _Pipeline:
                         continue
                     t2 = time.perf_counter()
                     try:
-                        res = det.make_result(maps[j], float(scores[j]), item.view.shape[:2], lane.roi,
+                        res = det.make_result(maps[j], float(scores[j]), item.size, lane.roi,
                                               where=f"frame {item.index} of {lane.name}", thresholds=lane.thresholds)
                     except NonFiniteOutputError as exc:  # a fault, never a verdict: counted, and the stream goes on
                         self._skip(lane, item.index, "non_finite_output", str(exc))
@@ -922,8 +927,8 @@ def result_record(res: Result) -> dict[str, Any]:
 
     Keys: ``frame_index``, ``capture_time`` (monotonic s), ``capture_wall_time`` (Unix s),
     ``source``, ``score``, ``is_anomalous``, ``regions`` (list of ``{x, y, w, h, area_px, peak}``
-    in frame pixels, or null), ``roi``, ``decode_scale`` (the frame was decoded at 1/N size:
-    regions are in decoded pixels), ``timings`` (ms).
+    in frame pixels, or null), ``roi``, ``decode_scale`` (the frame was decoded at 1/N size;
+    regions are still in the stored frame's pixels), ``timings`` (ms).
     """
     return {
         "frame_index": res.frame_index, "capture_time": res.capture_time, "capture_wall_time": res.capture_wall_time,
@@ -939,7 +944,7 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
                lossless: bool | None = None, max_frames: int | None = None, device: str = "auto",
                roi: tuple[int, int, int, int] | None = None, color_order: str = "bgr", queue_size: int = 2,
                reconnect: bool | ReconnectPolicy = True, progress: bool = True,
-               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, reduced_decode: bool = False,
+               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, reduced_decode: bool = True,
                engine_threads: int | None = None) -> StreamStats:
     """Stream a bundle over a source, writing JSON lines / an overlay video / a window. ``edge-ad run``.
 
@@ -1010,6 +1015,8 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
                     out.write(json.dumps(result_record(res)) + "\n")
                 if draw is not None:
                     frame = res.frame if res.frame.ndim == 3 else cv2.cvtColor(res.frame, cv2.COLOR_GRAY2BGR)
+                    if res.decode_scale > 1:  # decoded smaller; the maps and boxes are in the stored pixels
+                        frame = cv2.resize(frame, (res.anomaly_map.shape[1], res.anomaly_map.shape[0]))
                     if color_order == "rgb":
                         frame = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
                     image = draw(frame, res)

@@ -27,10 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-resolution", choices=("frame", "model", "lazy"), default="frame",
                         help="Result maps: frame (default), model, or lazy (made on first access; regions at model "
                              "resolution)")
-    parser.add_argument("--reduced-decode", action="store_true",
+    decode = parser.add_mutually_exclusive_group()
+    decode.add_argument("--reduced-decode", dest="reduced_decode", action="store_true", default=True,
                         help="image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
-                             "size (cheaper decode of large frames); results are in decoded pixels (decode_scale "
-                             "records the factor); not with --roi")
+                             "size (default; results stay in the file's pixels, decode_scale records the factor; "
+                             "never with --roi)")
+    decode.add_argument("--full-decode", dest="reduced_decode", action="store_false",
+                        help="image folders: decode every file at full size (scores exactly as predict on the file)")
     parser.add_argument("--engine-threads", type=engine_threads, default=None, metavar="N|auto",
                         help="the engine's CPU inference threads (OpenVINO INFERENCE_NUM_THREADS, onnxruntime "
                              "intra_op_num_threads), 1..usable cores, or auto (default: the measured budget, "

@@ -1,5 +1,5 @@
 """``edge-ad run BUNDLE --source SRC [--source NAME=SRC ...] [--batch-wait-ms M] [--show] [--save out.mp4]
-[--jsonl results.jsonl] [--lossless] [--max-frames N] [--device D] [--reduced-decode] [--engine-threads N]``:
+[--jsonl results.jsonl] [--lossless] [--max-frames N] [--device D] [--full-decode] [--engine-threads N]``:
 stream a bundle over a camera / video / folder / URL / pipeline, or several named cameras at once
 (``--source cam_top=0 --source cam_side=rtsp://...``: one detector, per-camera profiles, docs/MULTI_CAMERA.md).
 
@@ -21,10 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bundle); repeat for several cameras through one detector")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0,
                         help="static-batch bundles: how long an engine call waits for other cameras' frames (2 ms)")
-    parser.add_argument("--reduced-decode", action="store_true",
+    decode = parser.add_mutually_exclusive_group()
+    decode.add_argument("--reduced-decode", dest="reduced_decode", action="store_true", default=True,
                         help="image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
-                             "size (cheaper decode of large frames); results are in decoded pixels (decode_scale "
-                             "records the factor); not with --roi")
+                             "size (default; results stay in the file's pixels, decode_scale records the factor; "
+                             "never with --roi)")
+    decode.add_argument("--full-decode", dest="reduced_decode", action="store_false",
+                        help="image folders: decode every file at full size (scores exactly as predict on the file)")
     parser.add_argument("--engine-threads", type=engine_threads, default=None, metavar="N|auto",
                         help="the engine's CPU inference threads (OpenVINO INFERENCE_NUM_THREADS, onnxruntime "
                              "intra_op_num_threads), 1..usable cores, or auto (default: the measured budget, "
