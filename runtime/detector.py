@@ -297,7 +297,7 @@ class Detector:
             batch_wait_ms: with a static-batch bundle (``convert --batch N``), how long an engine
                 call waits for frames of other cameras after the first one (ms, bounded latency;
                 fewer frames are padded). Ignored for batch-1 bundles.
-            reduced_decode: decode image-folder JPEG / PNG frames at 1/2, 1/4 or 1/8 size when
+            reduced_decode: decode image-folder JPEG frames at 1/2, 1/4 or 1/8 size when
                 that keeps them at least the model input's size
                 (:class:`~edge_ad.runtime.sources.FolderSource`; default on, ``False`` decodes in
                 full). Results stay in the stored frame's pixels (maps at its size, region boxes

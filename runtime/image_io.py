@@ -37,15 +37,13 @@ def reduction_factor(frame_hw: tuple[int, int], model_hw: tuple[int, int]) -> in
     return max(f for f in REDUCTION_FACTORS if fh // f >= mh and fw // f >= mw)
 
 
-def stored_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
-    """(height, width) of an encoded JPEG or PNG from its header (no decoding), else None.
+def jpeg_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """(height, width) of an encoded JPEG from its header (no decoding); None for anything else.
 
-    JPEG: the first start-of-frame marker (SOF0-SOF15 but DHT / JPG / DAC); PNG: the IHDR chunk.
-    The size is as stored: an EXIF orientation that rotates the decoded image is not applied.
+    Read from the first start-of-frame marker (SOF0-SOF15 but DHT / JPG / DAC). The size is as
+    stored: an EXIF orientation that rotates the decoded image is not applied.
     """
     b = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
-    if b[:8] == b"\x89PNG\r\n\x1a\n" and len(b) >= 24 and b[12:16] == b"IHDR":
-        return int.from_bytes(b[20:24], "big"), int.from_bytes(b[16:20], "big")
     if b[:2] != b"\xff\xd8":
         return None
     i = 2
@@ -68,7 +66,7 @@ def stored_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
 
 def read_image_reduced(path: str | Path, min_size: tuple[int, int],
                        mode: str = "bgr") -> tuple[np.ndarray, int, tuple[int, int]]:
-    """Read an image at the smallest size OpenCV can decode it that keeps ``min_size`` on both axes.
+    """Read a JPEG at the smallest size libjpeg can decode it that keeps ``min_size`` on both axes.
 
     Args:
         path: image file.
@@ -78,17 +76,18 @@ def read_image_reduced(path: str | Path, min_size: tuple[int, int],
     Returns:
         ``(image, factor, (H, W))``: the image decoded at 1/``factor`` per axis
         (:func:`reduction_factor` of its stored size; ``(ceil(H / factor), ceil(W / factor))``
-        pixels; JPEGs are scaled in libjpeg's DCT), and the image's full size (H, W) in pixels,
-        i.e. the size :func:`read_image` would return. Factor 1 (a full decode) when the header
-        gives no size (formats other than JPEG / PNG) or the reduced decode is not the size the
-        header implies.
+        pixels, scaled in libjpeg's DCT: most of the inverse-DCT work is skipped), and the image's
+        full size (H, W) in pixels, i.e. the size :func:`read_image` would return. Factor 1 (a
+        full decode) for other formats (PNG, BMP, ...: OpenCV would decode them in full and then
+        resize, no cheaper than preprocessing's own resize, while the model input would change),
+        and when the reduced decode is not the size the header implies.
 
     Raises:
         as :func:`read_image`.
     """
     _check_mode(mode)
     data = _read_bytes(path)
-    hw = stored_size(data)
+    hw = jpeg_size(data)
     factor = reduction_factor(hw, min_size) if hw is not None and min(hw) > 0 else 1
     if factor > 1:
         image = _decode(data, path, mode, factor)

@@ -264,8 +264,8 @@ class VideoFileSource(_CaptureSource):
 class FolderSource(FrameSource):
     """The image files of a folder in sorted name order, read as BGR; unreadable files are skipped.
 
-    Reduced-size decode (``min_size`` set): each JPEG / PNG is decoded at 1/2, 1/4 or 1/8 of its
-    size (OpenCV ``IMREAD_REDUCED_COLOR_*``, DCT scaling for JPEGs) when that still gives at least
+    Reduced-size decode (``min_size`` set): each JPEG is decoded at 1/2, 1/4 or 1/8 of its size
+    (OpenCV ``IMREAD_REDUCED_COLOR_*``: libjpeg's DCT scaling; other formats in full) when that still gives at least
     ``min_size`` pixels on both axes (:func:`~edge_ad.runtime.image_io.read_image_reduced`: the
     factor comes from each file's header), so a 224 px model does not pay for decoding a 0.5 MP
     JPEG in full. :attr:`last_scale` is the factor of the frame :meth:`read` returned last and

@@ -7,22 +7,25 @@ import numpy as np
 import pytest
 
 from edge_ad.runtime import Detector, read_image
-from edge_ad.runtime.image_io import read_image_reduced, stored_size
+from edge_ad.runtime.image_io import jpeg_size, read_image_reduced
 
 
 def _block_frame(real_root, tmp_path, factor: int = 4, model: int = 64):
-    """A real defective hazelnut frame made block-constant (factor x factor blocks), as a PNG.
+    """A real defective hazelnut frame made block-constant (factor x factor blocks), as a JPEG
+    (quality 100, no chroma subsampling).
 
     Decoded in full and resized to the model (exact factor: each output pixel is one block) or
-    decoded at 1/factor (one pixel per block), the model gets the same input, so any difference in
-    the results can only come from the coordinates they are reported in.
+    decoded at 1/factor (one pixel per block), the model gets the same input up to the JPEG's
+    rounding (measured: at most 1 grey level off, model maps within 0.005), so the results can only
+    differ in the coordinates they are reported in.
     """
     frame = read_image(real_root / "mvtec_hazelnut_256" / "test" / "crack" / "000.png", "bgr")
     small = cv2.resize(frame, (model, model), interpolation=cv2.INTER_AREA)
     block = np.repeat(np.repeat(small, factor, 0), factor, 1)
     folder = tmp_path / "frames"
     folder.mkdir()
-    cv2.imwrite(str(folder / "000.png"), block)
+    cv2.imwrite(str(folder / "000.jpg"), block, [cv2.IMWRITE_JPEG_QUALITY, 100, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                                 cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
     return folder, block
 
 
@@ -37,10 +40,10 @@ def test_reduced_decode_reports_regions_and_maps_in_frame_pixels(onnx_bundle, re
     full, red = runs[False], runs[True]
     assert (full.decode_scale, red.decode_scale) == (1, 4)
     assert red.frame.shape == (64, 64, 3) and full.frame.shape == block.shape  # the decoded arrays
-    np.testing.assert_allclose(red.model_map, full.model_map, atol=1e-5)  # the model saw the same input
+    np.testing.assert_allclose(red.model_map, full.model_map, atol=0.01)  # the model saw the same input
     # ... so the results, in the stored frame's coordinates, are the same: maps at its size, same regions
     assert red.raw_map.shape == full.raw_map.shape == block.shape[:2]
-    np.testing.assert_allclose(red.raw_map, full.raw_map, atol=1e-5)
+    np.testing.assert_allclose(red.raw_map, full.raw_map, atol=0.01)
     assert full.regions and len(red.regions) == len(full.regions)  # a real crack: something to compare
     for a, b in zip(red.regions, full.regions):
         assert max(abs(a.x - b.x), abs(a.y - b.y), abs(a.x + a.w - b.x - b.w), abs(a.y + a.h - b.y - b.h)) <= 1, (a, b)
@@ -61,16 +64,16 @@ def test_reduced_decode_is_the_default_for_folders(onnx_bundle, real_root):
         assert [r.decode_scale for r in s] == [1, 1]
 
 
-def test_stored_size_from_headers_matches_the_decoded_size(real_root, tmp_path):
-    files = sorted((real_root / "bsdata_pitting" / "test" / "pitting").iterdir())[:5]
-    files += sorted((real_root / "mvtec_hazelnut_256" / "test" / "crack").iterdir())[:2]
+def test_jpeg_size_from_headers_matches_the_decoded_size(real_root):
+    files = sorted((real_root / "bsdata_pitting" / "test" / "pitting").iterdir())
     for f in files:
         full = read_image(f, "bgr")
-        assert stored_size(f.read_bytes()) == full.shape[:2], f
+        assert jpeg_size(f.read_bytes()) == full.shape[:2], f
         image, factor, size = read_image_reduced(f, (64, 64))
-        assert size == full.shape[:2] and image.shape[:2] == (-(-size[0] // factor), -(-size[1] // factor))
-    assert stored_size(b"not an image") is None and stored_size(b"\xff\xd8\xff") is None
-    bmp = tmp_path / "a.bmp"  # no header reader for BMP: decoded in full
-    cv2.imwrite(str(bmp), read_image(files[-1], "bgr"))
-    image, factor, size = read_image_reduced(bmp, (64, 64))
+        assert factor in (4, 8) and size == full.shape[:2]
+        assert image.shape[:2] == (-(-size[0] // factor), -(-size[1] // factor))
+    png = real_root / "mvtec_hazelnut_256" / "test" / "crack" / "000.png"  # not a JPEG: decoded in full
+    assert jpeg_size(png.read_bytes()) is None and jpeg_size(b"\xff\xd8\xff") is None
+    image, factor, size = read_image_reduced(png, (64, 64))
     assert factor == 1 and image.shape[:2] == size == (256, 256)
+    np.testing.assert_array_equal(image, read_image(png, "bgr"))
