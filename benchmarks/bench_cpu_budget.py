@@ -1,7 +1,7 @@
 """CPU budget: streaming throughput and stage times for several engine-thread budgets, in one process.
 
     python benchmarks/bench_cpu_budget.py --bundle DIR [--source ../shared/data/real/bsdata_pitting/test/good] \
-        [--budgets auto,1,2] [--rounds 3] [--iterations 150] [--map-resolution lazy] [--reduced-decode] \
+        [--budgets auto,1,2] [--rounds 3] [--iterations 150] [--map-resolution lazy] [--full-decode] \
         [--json out.json]
 
 For each budget (``auto`` = :func:`edge_ad.runtime.cpu_budget.plan_cpu_budget`'s default, or a
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=150)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--map-resolution", default="lazy", choices=("frame", "model", "lazy"))
-    ap.add_argument("--reduced-decode", action="store_true")
+    ap.add_argument("--full-decode", action="store_true", help="decode the JPEGs in full (default: reduced decode)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for n in names:
             rep = benchmark(dets[n], args.source, warmup=args.warmup, iterations=args.iterations, progress=False,
-                            reduced_decode=args.reduced_decode)
+                            reduced_decode=not args.full_decode)
             row = {"round": r, "budget": n, "cpu_budget": rep["cpu_budget"], "frames": rep["frames"],
                    "engine_fps": rep["engine_fps"], "end_to_end_fps": rep["end_to_end_fps"],
                    "stages_p50_ms": {k: v["p50"] for k, v in rep["stages"].items()}}

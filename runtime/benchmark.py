@@ -372,7 +372,8 @@ def format_report(report: dict[str, Any]) -> str:
         from .cpu_budget import CpuBudget
 
         reported = b.get("engine_reported")
-        lines.append(f"cpu budget  {CpuBudget(b['cores'], b['engine_threads'], b['preprocess_threads'], b['policy']).describe()}"
+        budget = CpuBudget(b["cores"], b["engine_threads"], b["preprocess_threads"], b["policy"])
+        lines.append(f"cpu budget  {budget.describe()}"
                      + (f"; engine reports {reported}" if reported is not None else ""))
     if f["jetson_model"]:
         lines.append(f"board       {f['jetson_model']}, power {f['nvpmodel'] or 'unknown'}, clocks "

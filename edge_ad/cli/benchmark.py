@@ -1,4 +1,5 @@
-"""``edge-ad benchmark BUNDLE [--source SRC] [--sources N] [--batch-wait-ms M] [--warmup N] [--iterations N] [--json FILE] [--device D] [--engine-threads N]``.
+"""``edge-ad benchmark BUNDLE [--source SRC] [--sources N] [--batch-wait-ms M] [--warmup N] [--iterations N]
+[--json FILE] [--device D] [--engine-threads N] [--full-decode]``.
 
 Per-stage latency percentiles, end-to-end streaming FPS next to the bare engine's, capture-to-
 decision p99, drops, peak RSS and device facts. Thin wrapper over
@@ -30,8 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     decode = parser.add_mutually_exclusive_group()
     decode.add_argument("--reduced-decode", dest="reduced_decode", action="store_true", default=True,
                         help="image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
-                             "size (default; results stay in the file's pixels, decode_scale records the factor; "
-                             "never with --roi)")
+                             "size (default; results stay in the file's pixels, decode_scale records the factor)")
     decode.add_argument("--full-decode", dest="reduced_decode", action="store_false",
                         help="image folders: decode every file at full size (scores exactly as predict on the file)")
     parser.add_argument("--engine-threads", type=engine_threads, default=None, metavar="N|auto",
