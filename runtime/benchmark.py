@@ -283,7 +283,8 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
         "stream_vs_engine", "stages": {stage: {p50, p95, p99}} (ms), "capture_to_decision_p99_ms",
         "captured", "delivered", "dropped", "skipped", "peak_rss_mb", "engine", "engine_version",
         "device", "precision", "target", "device_facts", "sources": {camera: {"delivered", "fps",
-        "capture_to_decision": {p50, p95, p99}}}, "batch", "batch_fill", "cpu_budget"}``. FPS values are None when
+        "capture_to_decision": {p50, p95, p99}}}, "batch", "batch_fill", "cpu_budget", "decode_scales"}``
+        (``decode_scales``: the reduced-decode factors of the measured frames, [1] = full decode). FPS values are None when
         fewer than :data:`MIN_FPS_FRAMES` results were measured.
     """
     from .detector import Detector
@@ -314,6 +315,7 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
     per_cam: dict[str, list[tuple[float, float]]] = {}  # camera -> [(arrival time, capture_to_decision ms)]
     t_first = t_last = None
     measured = 0
+    scales: set[int] = set()
     live = isinstance(src, FrameSource) and src.live or not isinstance(src, (FrameSource, dict))
     with det.stream(src, lossless=lossless, max_frames=total if live and source is not None else None,
                     batch_wait_ms=batch_wait_ms, reduced_decode=reduced_decode) as stream:
@@ -328,6 +330,7 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
             for s in STAGES:
                 times[s].append(res.timings[s])
             per_cam.setdefault(res.source, []).append((now, res.timings["capture_to_decision"]))
+            scales.add(res.decode_scale)
     stats = stream.stats
     if stats.delivered == 0:  # a table of NaN would hide it
         raise RuntimeError(f"benchmark measured nothing: {stats.no_result_reason()}")
@@ -341,6 +344,7 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
     stages = {s: _percentiles(v) for s, v in times.items()}
     report = {
         "bundle": str(det.bundle.source), "source": name, "frames": measured, "mode": stats.mode,
+        "decode_scales": sorted(scales),
         "engine_fps": engine_fps, "end_to_end_fps": e2e,
         "stream_vs_engine": e2e / engine_fps if e2e is not None else None,
         "sources": cams, "batch": stats.batch, "batch_fill": stats.batch_fill, "cpu_budget": stats.cpu_budget,
@@ -379,7 +383,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"board       {f['jetson_model']}, power {f['nvpmodel'] or 'unknown'}, clocks "
                      f"{f['clocks'] or 'unknown'}")
     lines += [
-        f"source      {report['source']} ({report['mode']}, {report['frames']} measured frames)",
+        f"source      {report['source']} ({report['mode']}, {report['frames']} measured frames"
+        + (f", decoded at 1/{' and 1/'.join(map(str, report['decode_scales']))}"
+           if any(k > 1 for k in report.get("decode_scales", ())) else "") + ")",
         "",
         f"{'stage':<22}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}",
     ]

@@ -109,6 +109,7 @@ def test_benchmark_reports_the_budget_and_cli_checks_it(onnx_bundle, tmp_path, c
     rep = benchmark(onnx_bundle, warmup=1, iterations=30, frame_size=(96, 128), progress=False, engine_threads=1)
     assert rep["cpu_budget"]["engine_threads"] == 1 and rep["cpu_budget"]["engine_reported"] == 1
     assert "cpu budget" in format_report(rep) and "engine 1 thread," in format_report(rep)
+    assert rep["decode_scales"] == [1] and "decoded at" not in format_report(rep)  # synthetic frames
     with pytest.raises(ValueError, match="engine_threads is set when a detector is loaded"):
         benchmark(Detector.load(onnx_bundle), warmup=1, iterations=30, progress=False, engine_threads=1)
     path = tmp_path / "b.json"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from edge_ad.runtime import Detector, read_image
+from edge_ad.runtime.benchmark import benchmark, format_report
 from edge_ad.runtime.image_io import jpeg_size, read_image_reduced
 
 
@@ -62,6 +63,8 @@ def test_reduced_decode_is_the_default_for_folders(onnx_bundle, real_root):
     with det.stream(str(real_root / "bsdata_pitting" / "test" / "pitting"), max_frames=2,
                     reduced_decode=False) as s:
         assert [r.decode_scale for r in s] == [1, 1]
+    rep = benchmark(det, str(real_root / "bsdata_pitting" / "test" / "good"), warmup=0, iterations=30, progress=False)
+    assert rep["decode_scales"] == [4, 8] and "decoded at 1/4 and 1/8" in format_report(rep)
 
 
 def test_jpeg_size_from_headers_matches_the_decoded_size(real_root):
