@@ -80,3 +80,16 @@ def test_jpeg_size_from_headers_matches_the_decoded_size(real_root):
     image, factor, size = read_image_reduced(png, (64, 64))
     assert factor == 1 and image.shape[:2] == size == (256, 256)
     np.testing.assert_array_equal(image, read_image(png, "bgr"))
+
+
+def test_run_save_draws_reduced_frames_at_the_stored_size(onnx_bundle, real_root, tmp_path):
+    from edge_ad.runtime import run_stream
+
+    saved = tmp_path / "out.avi"
+    folder = real_root / "bsdata_pitting" / "test" / "pitting"
+    stats = run_stream(onnx_bundle, str(folder), save=str(saved), max_frames=2, progress=False)
+    assert stats.delivered == 2
+    cap = cv2.VideoCapture(str(saved))
+    ok, first = cap.read()
+    cap.release()
+    assert ok and first.shape[:2] == read_image(sorted(folder.iterdir())[0], "bgr").shape[:2]  # not 1/4 size
