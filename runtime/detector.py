@@ -148,6 +148,8 @@ class Detector:
 
         self.cameras = camera_profiles(bundle.manifest)  # BundleError for a malformed info.cameras
         self._unknown_cameras: set[str] = set()
+        #: (camera, calibrated decode, stream decode) already warned about (decode_mode.decode_mismatch).
+        self.decode_warned: set[tuple[str, str, str]] = set()
         self._cameras_lock = threading.Lock()
         if self.regions and not cv2_available():
             require_cv2("label defect regions in Detector results (or load with regions=False)")
@@ -305,6 +307,9 @@ class Detector:
                 decoded (smaller) array. Scores move by a few per cent, as the model sees a
                 differently resampled input (docs/MULTI_CAMERA.md). Not applied to sources with a
                 ROI (its pixels refer to the full frame), nor to cameras, streams and video files.
+                Calibrate with the same setting (:meth:`calibrate` decodes as a stream does; its
+                ``reduced_decode``): a camera whose thresholds were calibrated on the other decode
+                gets one UserWarning (:mod:`edge_ad.runtime.decode_mode`).
 
         Returns:
             A :class:`~edge_ad.runtime.stream.Stream` (iterable, context manager, ``stats``, ``close()``).
@@ -474,6 +479,8 @@ class Detector:
         Each attribute assignment is atomic; a frame being postprocessed by another thread at that
         instant may see the old image threshold with the new pixel threshold.
         """
+        #: The bundle ``Thresholds`` in use (None: none); its ``details["decode"]`` says which decode they were fitted on.
+        self.thresholds = thresholds
         self.image_threshold, self.pixel_threshold, self.display_threshold = threshold_values(thresholds)
         self._warned = False  # warn again if the new thresholds are still incomplete
 
@@ -556,9 +563,11 @@ class Detector:
 
         ``good_frames``: a source (image folder, video file, camera...), an array or an iterable of
         uint8 frames of good parts. Other keyword arguments (``pixel_fpr``, ``roi``, ``color_order``,
-        ``max_frames``, ``save``, ``progress``, ``camera``) as :func:`edge_ad.runtime.calibrate.calibrate_bundle`;
+        ``max_frames``, ``save``, ``progress``, ``camera``, ``reduced_decode``) as :func:`edge_ad.runtime.calibrate.calibrate_bundle`;
         ``camera="cam_side"`` fits that camera's profile only (``det.stream({"cam_side": ...})`` judges
-        its frames by it; the bundle's default thresholds stay).
+        its frames by it; the bundle's default thresholds stay). An image folder is decoded as
+        :meth:`stream` decodes it (reduced JPEG decode by default, ``reduced_decode=False`` for
+        streams that decode in full), so the thresholds fit the stream's scores.
         Returns its :class:`~edge_ad.runtime.calibrate.CalibrationReport`.
         """
         from .calibrate import calibrate_bundle

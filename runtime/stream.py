@@ -91,6 +91,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .decode_mode import apply_decode_mode, decode_mismatch
 from .detector import NonFiniteOutputError
 from .fair_queue import CLOSED, FairQueue
 from .preprocessing import COLOR_ORDERS
@@ -404,8 +405,11 @@ class _Pipeline:
             profile = detector.camera_profile(name) if name is not None else None
             lane_roi = _check_roi(profile.roi) if profile is not None and profile.roi is not None else roi
             lane_order = profile.color_order if profile is not None and profile.color_order else color_order
-            if reduced_decode and lane_roi is None:  # a ROI is in full-frame pixels: never reduce under it
-                src.reduce_decode(detector.spec.size)
+            # A ROI is in full-frame pixels: never reduced under it. Calibration decodes the same way
+            # (calibrate.py); thresholds fitted on the other decode are warned about once per camera.
+            mode = apply_decode_mode(src, reduced_decode, lane_roi, detector.spec.size)
+            decode_mismatch(profile.thresholds if profile is not None and profile.thresholds is not None
+                            else detector.thresholds, mode, name, detector.decode_warned)
             self.lanes.append(_Lane(len(self.lanes), name, src, lane_roi, lane_order,
                                     profile.thresholds if profile is not None else None))
         self.lossless = (not any(lane.source.live for lane in self.lanes)) if lossless is None else bool(lossless)

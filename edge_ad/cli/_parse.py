@@ -110,3 +110,12 @@ def engine_threads(text: str) -> int | None:
         return check_engine_threads(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser, reduced_help: str, full_help: str) -> None:
+    """``--reduced-decode`` (default) / ``--full-decode`` -> ``args.reduced_decode`` (bool): how image folders are
+    decoded (``run``, ``benchmark``, ``calibrate``: docs/MULTI_CAMERA.md)."""
+    decode = parser.add_mutually_exclusive_group()
+    decode.add_argument("--reduced-decode", dest="reduced_decode", action="store_true", default=True,
+                        help=reduced_help)
+    decode.add_argument("--full-decode", dest="reduced_decode", action="store_false", help=full_help)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._parse import engine_threads, pixel_size
+from ._parse import add_decode_arguments, engine_threads, pixel_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,12 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-resolution", choices=("frame", "model", "lazy"), default="frame",
                         help="Result maps: frame (default), model, or lazy (made on first access; regions at model "
                              "resolution)")
-    decode = parser.add_mutually_exclusive_group()
-    decode.add_argument("--reduced-decode", dest="reduced_decode", action="store_true", default=True,
-                        help="image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
-                             "size (default; results stay in the file's pixels, decode_scale records the factor)")
-    decode.add_argument("--full-decode", dest="reduced_decode", action="store_false",
-                        help="image folders: decode every file at full size (scores exactly as predict on the file)")
+    add_decode_arguments(
+        parser,
+        "image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
+        "size (default; results stay in the file's pixels, decode_scale records the factor)",
+        "image folders: decode every file at full size (scores exactly as predict on the file)")
     parser.add_argument("--engine-threads", type=engine_threads, default=None, metavar="N|auto",
                         help="the engine's CPU inference threads (OpenVINO INFERENCE_NUM_THREADS, onnxruntime "
                              "intra_op_num_threads), 1..usable cores, or auto (default: the measured budget, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._parse import engine_threads, named_sources, roi
+from ._parse import add_decode_arguments, engine_threads, named_sources, roi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,13 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bundle); repeat for several cameras through one detector")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0,
                         help="static-batch bundles: how long an engine call waits for other cameras' frames (2 ms)")
-    decode = parser.add_mutually_exclusive_group()
-    decode.add_argument("--reduced-decode", dest="reduced_decode", action="store_true", default=True,
-                        help="image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
-                             "size (default; results stay in the file's pixels, decode_scale records the factor; "
-                             "never with --roi)")
-    decode.add_argument("--full-decode", dest="reduced_decode", action="store_false",
-                        help="image folders: decode every file at full size (scores exactly as predict on the file)")
+    add_decode_arguments(
+        parser,
+        "image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
+        "size (default; results stay in the file's pixels, decode_scale records the factor; "
+        "never with --roi)",
+        "image folders: decode every file at full size (scores exactly as predict on the file; "
+        "calibrate its thresholds with edge-ad calibrate --full-decode, else a warning says "
+        "the decodes differ)")
     parser.add_argument("--engine-threads", type=engine_threads, default=None, metavar="N|auto",
                         help="the engine's CPU inference threads (OpenVINO INFERENCE_NUM_THREADS, onnxruntime "
                              "intra_op_num_threads), 1..usable cores, or auto (default: the measured budget, "
