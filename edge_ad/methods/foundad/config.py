@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..base import BackboneSpec, MethodConfig
 
-__all__ = ["FoundADConfig"]
+__all__ = ["FEATURE_NORMS", "FoundADConfig"]
+
+FEATURE_NORMS = ("channel", "none")
 
 
 @dataclass
@@ -40,6 +43,12 @@ class FoundADConfig(MethodConfig):
             for brightness, contrast, saturation and hue, ``src/train.py:61``).
         cutpaste_scar_side: image side (pixels) at which the CutPaste scar sizes (2-16 x 10-25 px)
             apply; the reference draws them in pixels of its 512-pixel inputs.
+        feature_norm: ``"channel"`` standardises every encoder token per channel with the mean /
+            standard deviation of the good training images' tokens (fixed buffers, fitted once
+            before training) before the projector and the residual; ``"none"`` uses the raw
+            features. The reference's ViT tokens come out of the encoder's final LayerNorm (unit
+            scale); CNN stages do not, and their channels differ in scale by orders of magnitude,
+            so without it a few loud channels dominate both the loss and the residual.
         class_foreground: paste inside the reference's per-class foreground rule when the
             category folder is an MVTec AD / VisA class name
             (:func:`edge_ad.synth.class_foreground.class_foreground`); other categories, or False,
@@ -64,6 +73,7 @@ class FoundADConfig(MethodConfig):
     cutpaste_hue_jitter: float = 0.5
     cutpaste_scar_side: float = 512.0
     class_foreground: bool = False
+    feature_norm: str = "channel"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,5 +104,15 @@ class FoundADConfig(MethodConfig):
         if self.cutpaste_hue_jitter < 0 or not self.cutpaste_scar_side > 0:
             raise ValueError("cutpaste_hue_jitter must be >= 0 and cutpaste_scar_side > 0 pixels, got "
                              f"{self.cutpaste_hue_jitter}, {self.cutpaste_scar_side}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
         self.lr = float(self.lr)
         self.weight_decay = float(self.weight_decay)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FoundADConfig":
+        """As :meth:`MethodConfig.from_dict`; a saved config without ``feature_norm`` was written
+        before the field existed, with raw features, so it loads as ``"none"``."""
+        if isinstance(d, dict) and "feature_norm" not in d:
+            d = {**d, "feature_norm": "none"}
+        return super().from_dict(d)  # type: ignore[return-value]
