@@ -1,4 +1,4 @@
-"""FoundAD configuration (defaults = the paper's reference setting)."""
+"""FoundAD configuration (defaults = the paper's reference setting, plus per-channel token standardisation)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,8 +16,9 @@ class FoundADConfig(MethodConfig):
     """FoundAD: a small transformer (the "manifold projector") learns to map features of a frozen
     foundation encoder back onto the manifold of good features; the residual is the anomaly.
 
-    Reference setting: DINOv3 ViT-B/16 at 512 x 512, patch tokens of block 9 (third from last)
-    through the final norm; projector 384 wide, 6 blocks, 12 heads; AdamW lr 1e-3, weight decay
+    Defaults = the reference setting, except ``feature_norm="channel"`` (CNN features need it;
+    ``--preset paper`` sets ``"none"``, the reference). Reference setting: DINOv3 ViT-B/16 at
+    512 x 512, patch tokens of block 9 (third from last) through the final norm; projector 384 wide, 6 blocks, 12 heads; AdamW lr 1e-3, weight decay
     1e-4, constant lr, batch 8; CutPaste context images half of the time; top-10 image score.
 
     Attributes:
@@ -46,9 +47,10 @@ class FoundADConfig(MethodConfig):
         feature_norm: ``"channel"`` standardises every encoder token per channel with the mean /
             standard deviation of the good training images' tokens (fixed buffers, fitted once
             before training) before the projector and the residual; ``"none"`` uses the raw
-            features. The reference's ViT tokens come out of the encoder's final LayerNorm (unit
-            scale); CNN stages do not, and their channels differ in scale by orders of magnitude,
-            so without it a few loud channels dominate both the loss and the residual.
+            features. The reference's ViT tokens come out of the encoder's final LayerNorm; CNN
+            stages are not normalised (EfficientNet-Lite0 stage 3: std 4-7 per channel around
+            non-zero means), so a projector that starts near zero spends its first hundreds of
+            steps learning that scale. ``--preset paper`` sets ``"none"`` (the reference).
         class_foreground: paste inside the reference's per-class foreground rule when the
             category folder is an MVTec AD / VisA class name
             (:func:`edge_ad.synth.class_foreground.class_foreground`); other categories, or False,
