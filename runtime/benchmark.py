@@ -16,6 +16,9 @@ What one run measures (same bundle, same process, same engine):
   results delivered per second after the first ``warmup`` results; per-stage p50 / p95 / p99 in
   milliseconds for ``capture``, ``preprocess``, ``infer``, ``postprocess`` and
   ``capture_to_decision`` (capture timestamp -> result ready); dropped / skipped frames;
+* ``cpu_budget``: how the cores were split (:mod:`edge_ad.runtime.cpu_budget`: engine threads,
+  stream preprocessing threads, policy, and the engine's own report of its threads); the bare
+  engine runs with the same engine threads as the stream;
 * ``peak_rss_mb``: the process's peak resident memory (``getrusage``), MiB;
 * device facts (:func:`device_facts`): CPU model, GPU, engine + version, precision, target, and on
   Jetson the board model (``/proc/device-tree/model``), nvpmodel power mode and whether clocks are
@@ -102,6 +105,10 @@ class CycledSource(FrameSource):
     @property
     def last_scale(self) -> int:  # type: ignore[override]
         return self._inner.last_scale
+
+    @property
+    def last_size(self) -> tuple[int, int] | None:  # type: ignore[override]
+        return self._inner.last_size
 
     def reduce_decode(self, min_size: tuple[int, int]) -> bool:
         self._min_size = min_size
@@ -247,7 +254,7 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
               json_path: str | os.PathLike | None = None, frame_size: tuple[int, int] = (480, 640),
               lossless: bool | None = None, progress: bool = True, sources: int = 1,
               batch_wait_ms: float = 2.0, map_resolution: str = "frame",
-              reduced_decode: bool = False) -> dict[str, Any]:
+              reduced_decode: bool = True, engine_threads: int | None = None) -> dict[str, Any]:
     """Benchmark a bundle: bare engine and end-to-end streaming on this device.
 
     Args:
@@ -267,14 +274,17 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
         map_resolution: as :meth:`~edge_ad.runtime.Detector.load` when ``bundle`` is not a
             loaded detector (``"lazy"``: no full-resolution map per frame).
         reduced_decode: as :meth:`~edge_ad.runtime.Detector.stream` (image folders decoded at
-            reduced size).
+            reduced size; default on, False = full decode).
+        engine_threads: as :meth:`~edge_ad.runtime.Detector.load` (None = the default budget);
+            refused with a loaded detector.
 
     Returns:
         The report: ``{"bundle", "source", "frames", "mode", "engine_fps", "end_to_end_fps",
         "stream_vs_engine", "stages": {stage: {p50, p95, p99}} (ms), "capture_to_decision_p99_ms",
         "captured", "delivered", "dropped", "skipped", "peak_rss_mb", "engine", "engine_version",
         "device", "precision", "target", "device_facts", "sources": {camera: {"delivered", "fps",
-        "capture_to_decision": {p50, p95, p99}}}, "batch", "batch_fill"}``. FPS values are None when
+        "capture_to_decision": {p50, p95, p99}}}, "batch", "batch_fill", "cpu_budget", "decode_scales"}``
+        (``decode_scales``: the reduced-decode factors of the measured frames, [1] = full decode). FPS values are None when
         fewer than :data:`MIN_FPS_FRAMES` results were measured.
     """
     from .detector import Detector
@@ -287,7 +297,11 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
         raise ValueError(f"frame_size must be (height, width) in pixels, each >= 2, got {frame_size!r}")
     if isinstance(sources, bool) or not isinstance(sources, int) or sources < 1:
         raise ValueError(f"sources must be an int >= 1 (cameras), got {sources!r}")
-    det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device, map_resolution=map_resolution)
+    if isinstance(bundle, Detector) and engine_threads is not None:
+        raise ValueError("engine_threads is set when a detector is loaded: pass Detector.load(..., engine_threads=N) "
+                         "or a bundle path here")
+    det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device, map_resolution=map_resolution,
+                                                                     engine_threads=engine_threads)
     if progress:
         print(f"[benchmark] bare engine: {warmup} warm-up + {iterations} calls", file=sys.stderr)
     engine_fps = _engine_fps(det, warmup, iterations)
@@ -301,6 +315,7 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
     per_cam: dict[str, list[tuple[float, float]]] = {}  # camera -> [(arrival time, capture_to_decision ms)]
     t_first = t_last = None
     measured = 0
+    scales: set[int] = set()
     live = isinstance(src, FrameSource) and src.live or not isinstance(src, (FrameSource, dict))
     with det.stream(src, lossless=lossless, max_frames=total if live and source is not None else None,
                     batch_wait_ms=batch_wait_ms, reduced_decode=reduced_decode) as stream:
@@ -315,6 +330,7 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
             for s in STAGES:
                 times[s].append(res.timings[s])
             per_cam.setdefault(res.source, []).append((now, res.timings["capture_to_decision"]))
+            scales.add(res.decode_scale)
     stats = stream.stats
     if stats.delivered == 0:  # a table of NaN would hide it
         raise RuntimeError(f"benchmark measured nothing: {stats.no_result_reason()}")
@@ -328,9 +344,10 @@ def benchmark(bundle: Any, source: Any = None, *, warmup: int = 20, iterations: 
     stages = {s: _percentiles(v) for s, v in times.items()}
     report = {
         "bundle": str(det.bundle.source), "source": name, "frames": measured, "mode": stats.mode,
+        "decode_scales": sorted(scales),
         "engine_fps": engine_fps, "end_to_end_fps": e2e,
         "stream_vs_engine": e2e / engine_fps if e2e is not None else None,
-        "sources": cams, "batch": stats.batch, "batch_fill": stats.batch_fill,
+        "sources": cams, "batch": stats.batch, "batch_fill": stats.batch_fill, "cpu_budget": stats.cpu_budget,
         "stages": stages, "capture_to_decision_p99_ms": stages["capture_to_decision"]["p99"],
         "captured": stats.captured, "delivered": stats.delivered, "dropped": stats.dropped,
         "skipped": stats.skipped, "peak_rss_mb": _peak_rss_mb(), "engine": det.engine.name,
@@ -354,11 +371,21 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if f["gpu"]:
         lines.append(f"gpu         {f['gpu']}")
+    b = report.get("cpu_budget")
+    if b:
+        from .cpu_budget import CpuBudget
+
+        reported = b.get("engine_reported")
+        budget = CpuBudget(b["cores"], b["engine_threads"], b["preprocess_threads"], b["policy"])
+        lines.append(f"cpu budget  {budget.describe()}"
+                     + (f"; engine reports {reported}" if reported is not None else ""))
     if f["jetson_model"]:
         lines.append(f"board       {f['jetson_model']}, power {f['nvpmodel'] or 'unknown'}, clocks "
                      f"{f['clocks'] or 'unknown'}")
     lines += [
-        f"source      {report['source']} ({report['mode']}, {report['frames']} measured frames)",
+        f"source      {report['source']} ({report['mode']}, {report['frames']} measured frames"
+        + (f", decoded at 1/{' and 1/'.join(map(str, report['decode_scales']))}"
+           if any(k > 1 for k in report.get("decode_scales", ())) else "") + ")",
         "",
         f"{'stage':<22}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}",
     ]

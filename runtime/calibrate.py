@@ -11,7 +11,11 @@ refits them on its own good frames (no labels, no defects needed)::
 What happens (numpy only, torch-free; the bundle's own engine runs the frames):
 
 1. every good frame goes through the detector exactly as in production (same ROI, colour order,
-   preprocessing and engine), collecting the image score and the model-resolution anomaly map;
+   decode, preprocessing and engine), collecting the image score and the model-resolution anomaly
+   map. An image folder is decoded as a stream decodes it: JPEGs at reduced size by default, in
+   full with ``reduced_decode=False`` (``--full-decode``), and the mode is recorded in
+   ``thresholds.details["decode"]`` (:mod:`edge_ad.runtime.decode_mode`: a stream whose decode
+   differs warns once);
 2. :func:`edge_ad.calibration.fit_thresholds` (the same order-statistic rule as at conversion
    time) gives the image threshold at ``target_fpr`` over the scores and the pixel threshold at
    ``pixel_fpr`` over all map pixels;
@@ -92,6 +96,8 @@ class CalibrationReport:
         scores: (num_frames,) float32 image scores of the frames, in input order.
         saved: whether the manifest was updated.
         camera: the camera profile the thresholds were fitted for (None: the bundle's defaults).
+        decode: how the frames were decoded (:data:`~edge_ad.runtime.decode_mode.DECODE_MODES`:
+            ``"reduced"``, ``"full"`` or ``"given"``); the details are in ``thresholds.details["decode"]``.
     """
 
     thresholds: Thresholds
@@ -102,6 +108,7 @@ class CalibrationReport:
     scores: np.ndarray
     saved: bool
     camera: str | None = None
+    decode: str = "full"
 
 
 class PixelSample:
@@ -139,14 +146,21 @@ class PixelSample:
         return np.stack(self._rows)[:, None, :]
 
 
-def _source_frames(spec: Any, max_frames: int | None) -> tuple[Iterator[np.ndarray], str]:
-    """Frames of a source spec (folder, video file, camera...) through ``edge_ad.runtime.sources``."""
+def _source_frames(spec: Any, max_frames: int | None, decode: dict[str, Any], reduced_decode: bool, roi: Any,
+                   min_size: tuple[int, int]) -> tuple[Iterator[np.ndarray], str]:
+    """Frames of a source spec (folder, video file, camera...) through ``edge_ad.runtime.sources``, decoded as a
+    stream lane decodes them (:func:`~edge_ad.runtime.decode_mode.apply_decode_mode`); ``decode`` gets the mode
+    and counts each frame's decode factor."""
+    from .decode_mode import apply_decode_mode
     from .sources import Skip, open_source
 
     source = open_source(os.fspath(spec) if isinstance(spec, os.PathLike) else spec)
     if source.live and max_frames is None:
         raise ValueError(f"{source.name} is a live source: it never ends, so calibration needs a frame budget; pass "
                          f"max_frames (edge-ad calibrate --max-frames N, N >= {MIN_FRAMES}, e.g. 500)")
+    decode["mode"] = apply_decode_mode(source, reduced_decode, roi, min_size)
+    if decode["mode"] == "reduced":
+        decode["min_size"] = [int(min_size[0]), int(min_size[1])]
 
     def frames() -> Iterator[np.ndarray]:
         source.open()
@@ -158,6 +172,8 @@ def _source_frames(spec: Any, max_frames: int | None) -> tuple[Iterator[np.ndarr
                 if isinstance(item, Skip):  # an unreadable file: calibration goes on without it
                     warnings.warn(f"calibration skipped {item.detail}", UserWarning, stacklevel=2)
                     continue
+                key = str(int(source.last_scale))
+                decode["scales"][key] = decode["scales"].get(key, 0) + 1
                 yield item
         finally:
             source.close()
@@ -165,15 +181,24 @@ def _source_frames(spec: Any, max_frames: int | None) -> tuple[Iterator[np.ndarr
     return frames(), str(getattr(source, "name", spec))
 
 
-def iter_frames(good_frames: Any, max_frames: int | None = None) -> tuple[Iterator[np.ndarray], str]:
-    """``(frames, description)`` from a source spec (path, camera index, URL, FrameSource), a (N, H, W[, C]) array
-    or an iterable of frames. A live source needs ``max_frames``."""
+def iter_frames(good_frames: Any, max_frames: int | None = None, *, reduced_decode: bool = True, roi: Any = None,
+                min_size: tuple[int, int] = (1, 1)) -> tuple[Iterator[np.ndarray], str, dict[str, Any]]:
+    """``(frames, description, decode)`` from a source spec (path, camera index, URL, FrameSource), a (N, H, W[, C])
+    array or an iterable of frames. A live source needs ``max_frames``.
+
+    A source is decoded exactly as a stream decodes it: with ``reduced_decode`` and no ``roi``, an image folder's
+    JPEGs at the largest factor keeping ``min_size`` (height, width: the model input) pixels. ``decode`` is the
+    record calibration stores in ``thresholds.details["decode"]``: ``mode`` (``"reduced"`` / ``"full"`` /
+    ``"given"`` for arrays and iterables: :mod:`edge_ad.runtime.decode_mode`), ``scales`` (decode factor -> frames,
+    filled while the frames are read) and, when reduced, ``min_size``.
+    """
     from .sources import FrameSource
 
     if isinstance(max_frames, bool) or not (max_frames is None or isinstance(max_frames, int)):
         raise ValueError(f"max_frames must be an int >= {MIN_FRAMES} (or None for all), got {max_frames!r}")
+    decode: dict[str, Any] = {"mode": "given", "scales": {}}
     if isinstance(good_frames, (str, os.PathLike, int, FrameSource)) and not isinstance(good_frames, bool):
-        frames, name = _source_frames(good_frames, max_frames)
+        frames, name = _source_frames(good_frames, max_frames, decode, reduced_decode, roi, min_size)
     elif isinstance(good_frames, np.ndarray):
         if good_frames.ndim not in (3, 4):
             raise ValueError(f"good_frames array must be (N, H, W) or (N, H, W, C), got shape {good_frames.shape}")
@@ -187,7 +212,7 @@ def iter_frames(good_frames: Any, max_frames: int | None = None) -> tuple[Iterat
         if max_frames < MIN_FRAMES:
             raise ValueError(f"max_frames must be an int >= {MIN_FRAMES} (or None for all), got {max_frames!r}")
         frames = (f for i, f in zip(range(max_frames), frames))
-    return frames, name
+    return frames, name, decode
 
 
 def _run_frames(detector: "Detector", frames: Iterator[np.ndarray], roi: Any, color_order: str,
@@ -271,6 +296,7 @@ def calibrate_bundle(
     detector: "Detector | None" = None,
     progress: bool = True,
     camera: str | None = None,
+    reduced_decode: bool = True,
 ) -> CalibrationReport:
     """Refit a bundle's image and pixel thresholds on good frames of this site and save them.
 
@@ -295,6 +321,12 @@ def calibrate_bundle(
         camera: fit the thresholds of this camera's profile only (manifest ``info.cameras``,
             :mod:`edge_ad.runtime.camera_profile`): the bundle's default thresholds and the
             other cameras' profiles stay as they are. None = the bundle's default thresholds.
+        reduced_decode: decode an image folder's JPEGs at reduced size, exactly as a stream does by
+            default (same factor rule, never under a ROI), so the thresholds are fitted on the scores
+            the stream will produce; False = full decode, for streams run with
+            ``reduced_decode=False`` / ``--full-decode``. Recorded in ``thresholds.details["decode"]``
+            (a stream whose decode differs warns once: :mod:`edge_ad.runtime.decode_mode`).
+            Arrays and iterables of frames are used as given.
 
     Returns:
         :class:`CalibrationReport`.
@@ -312,6 +344,9 @@ def calibrate_bundle(
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not 0.0 < float(value) < 1.0):
             raise ValueError(f"{name} must be a fraction in (0, 1) (0.01 = 1 %), got {value!r}")
+    if not isinstance(reduced_decode, bool):
+        raise ValueError(f"reduced_decode must be True (decode as a stream does by default) or False (full decode, "
+                         f"as --full-decode), got {reduced_decode!r}")
     path = Path(bundle_dir)
     if save and not path.is_dir():
         raise ValueError(f"{path} is not a bundle directory: calibration saves thresholds into manifest.yaml, so "
@@ -335,7 +370,8 @@ def calibrate_bundle(
     if pixel_fpr is None:
         pixel_fpr = previous.pixel_fpr if previous is not None and previous.pixel_fpr else 0.01
 
-    frames, source_name = iter_frames(good_frames, max_frames)
+    frames, source_name, decode = iter_frames(good_frames, max_frames, reduced_decode=reduced_decode, roi=roi,
+                                              min_size=detector.spec.size)
     scores, sample = _run_frames(detector, frames, roi, color_order, progress)
     maps = sample.array()
     n = int(scores.size)
@@ -367,6 +403,7 @@ def calibrate_bundle(
         "color_order": color_order,
         "engine": f"{detector.engine.name}:{detector.engine.device}",
         "camera": camera,
+        "decode": decode,
         "previous": {"image_threshold": previous.image_threshold if previous else None,
                      "pixel_threshold": previous.pixel_threshold if previous else None,
                      "source": previous.source if previous else None},
@@ -388,4 +425,5 @@ def calibrate_bundle(
             detector.bundle = load_bundle(path, verify=False)  # the manifest the detector reports is the saved one
         apply_thresholds(detector, thresholds)
     return CalibrationReport(thresholds=thresholds, previous=previous, num_frames=n, image_fpr=image_fit,
-                             pixel_fpr=pixel_fit, scores=scores, saved=bool(save), camera=camera)
+                             pixel_fpr=pixel_fit, scores=scores, saved=bool(save), camera=camera,
+                             decode=str(decode["mode"]))

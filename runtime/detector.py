@@ -47,7 +47,8 @@ import numpy as np
 
 from ._cv import cv2_available, require_cv2
 from .bundle import Bundle, load_bundle
-from .engines import DEFAULT_SLOTS, Engine, create_engine
+from .cpu_budget import CpuBudget, plan_cpu_budget
+from .engines import DEFAULT_SLOTS, Engine, create_engine, runs_on_cpu
 from .preprocessing import COLOR_ORDERS, _apply_roi, _axis_taps, _check_frame, _is_int, preprocess_batch
 from .result import LazyMapsResult, Region, Result
 
@@ -125,7 +126,7 @@ class Detector:
     """Runs a bundle on the engine it was made for. Build with :meth:`load`."""
 
     def __init__(self, bundle: Bundle, engine: Engine, *, regions: bool = True, map_resolution: str = "frame",
-                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> None:
+                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS, cpu_budget: CpuBudget | None = None) -> None:
         if map_resolution not in MAP_RESOLUTIONS:
             raise ValueError(f"map_resolution must be one of {MAP_RESOLUTIONS}, got {map_resolution!r}")
         if isinstance(max_frame_pixels, bool) or not isinstance(max_frame_pixels, int) or max_frame_pixels < 4:
@@ -136,6 +137,9 @@ class Detector:
         self.regions = bool(regions)
         self.map_resolution = map_resolution
         self.max_frame_pixels = max_frame_pixels
+        #: How the cores are split between the engine's threads and a stream's (docs/MULTI_CAMERA.md);
+        #: an engine built elsewhere keeps its own threads (policy "engine").
+        self.cpu_budget = cpu_budget if cpu_budget is not None else plan_cpu_budget(cpu_engine=False)
         self._lock = threading.Lock()  # slot 0: predict, and streams on a single-slot engine
         self._stream_lease = threading.Lock()  # slots 1..N: one stream at a time
         self._warned = False
@@ -144,6 +148,8 @@ class Detector:
 
         self.cameras = camera_profiles(bundle.manifest)  # BundleError for a malformed info.cameras
         self._unknown_cameras: set[str] = set()
+        #: (camera, calibrated decode, stream decode) already warned about (decode_mode.decode_mismatch).
+        self.decode_warned: set[tuple[str, str, str]] = set()
         self._cameras_lock = threading.Lock()
         if self.regions and not cv2_available():
             require_cv2("label defect regions in Detector results (or load with regions=False)")
@@ -152,7 +158,7 @@ class Detector:
     def load(cls, bundle: Bundle | str | os.PathLike, device: str = "auto", *, regions: bool = True,
              verify: bool = True, slots: int = DEFAULT_SLOTS, map_resolution: str = "frame",
              max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
-             verify_key: str | os.PathLike | None = None) -> "Detector":
+             verify_key: str | os.PathLike | None = None, engine_threads: int | None = None) -> "Detector":
         """Load a bundle (directory, ``.tar`` or :class:`Bundle`) on its engine.
 
         Args:
@@ -175,6 +181,12 @@ class Detector:
                 :data:`DEFAULT_MAX_FRAME_PIXELS` = 8192 x 8192); larger ones raise ValueError.
             verify_key: PEM file of the Ed25519 public key the bundle must be signed with; unsigned
                 or foreign bundles are refused (:mod:`edge_ad.runtime.bundle.signing`).
+            engine_threads: the engine's CPU inference threads (OpenVINO ``INFERENCE_NUM_THREADS``,
+                onnxruntime ``intra_op_num_threads``), 1 .. usable cores; the remaining cores
+                (at least one) are the stream's preprocessing threads. None = the default
+                policy (:func:`~edge_ad.runtime.cpu_budget.plan_cpu_budget`, measured in
+                docs/MULTI_CAMERA.md). Not for engines off the CPU (TensorRT, GPU / NPU devices):
+                ValueError. The result is :attr:`cpu_budget` (also in ``stream.stats.cpu_budget``).
 
         Raises:
             ImportError: the engine's package (onnxruntime / openvino / tensorrt + CUDA bindings) is
@@ -191,9 +203,11 @@ class Detector:
             bundle.check_signature(verify_key)
         if not isinstance(device, str) or not device:
             raise ValueError(f"device must be a non-empty string ('auto', 'CPU', ...), got {device!r}")
-        engine = create_engine(bundle, device, slots=slots)
+        budget = plan_cpu_budget(engine_threads, cpu_engine=runs_on_cpu(bundle, device))
+        engine = create_engine(bundle, device, slots=slots, threads=budget.engine_threads)
         check_engine_io(bundle, engine)
-        return cls(bundle, engine, regions=regions, map_resolution=map_resolution, max_frame_pixels=max_frame_pixels)
+        return cls(bundle, engine, regions=regions, map_resolution=map_resolution, max_frame_pixels=max_frame_pixels,
+                   cpu_budget=budget)
 
     def __repr__(self) -> str:
         m = self.bundle.manifest
@@ -247,7 +261,7 @@ class Detector:
     def stream(self, source: Any, *, lossless: bool | None = None, queue_size: int = 2, color_order: str = "bgr",
                roi: tuple[int, int, int, int] | None = None, reconnect: bool | ReconnectPolicy = True,
                keep_frames: bool = False, max_frames: int | None = None,
-               batch_wait_ms: float = 2.0, reduced_decode: bool = False) -> Stream:
+               batch_wait_ms: float = 2.0, reduced_decode: bool = True) -> Stream:
         """Run the detector on a live source in a threaded pipeline; iterate it for :class:`Result` s.
 
         ::
@@ -285,11 +299,17 @@ class Detector:
             batch_wait_ms: with a static-batch bundle (``convert --batch N``), how long an engine
                 call waits for frames of other cameras after the first one (ms, bounded latency;
                 fewer frames are padded). Ignored for batch-1 bundles.
-            reduced_decode: decode image-folder frames at 1/2, 1/4 or 1/8 size when that keeps
-                them at least the model input's size (:class:`~edge_ad.runtime.sources.FolderSource`);
-                results are then in the decoded frame's pixels, ``Result.decode_scale`` says the
-                factor. Not applied to sources with a ROI (its pixels refer to the full frame),
-                nor to cameras, streams and video files.
+            reduced_decode: decode image-folder JPEG frames at 1/2, 1/4 or 1/8 size when
+                that keeps them at least the model input's size
+                (:class:`~edge_ad.runtime.sources.FolderSource`; default on, ``False`` decodes in
+                full). Results stay in the stored frame's pixels (maps at its size, region boxes
+                scaled to it); ``Result.decode_scale`` says the factor, ``Result.frame`` is the
+                decoded (smaller) array. Scores move by a few per cent, as the model sees a
+                differently resampled input (docs/MULTI_CAMERA.md). Not applied to sources with a
+                ROI (its pixels refer to the full frame), nor to cameras, streams and video files.
+                Calibrate with the same setting (:meth:`calibrate` decodes as a stream does; its
+                ``reduced_decode``): a camera whose thresholds were calibrated on the other decode
+                gets one UserWarning (:mod:`edge_ad.runtime.decode_mode`).
 
         Returns:
             A :class:`~edge_ad.runtime.stream.Stream` (iterable, context manager, ``stats``, ``close()``).
@@ -351,7 +371,8 @@ class Detector:
         if slot == 0:
             self._lock.acquire()
         try:
-            self._preprocess_into(slot, views, color_order)
+            # Inside a stream, preprocessing overlaps the engine: it keeps to the budget's share.
+            self._preprocess_into(slot, views, color_order, self.cpu_budget.preprocess_threads)
             self.engine.start(slot, len(views))
         except BaseException:
             if slot == 0:
@@ -458,6 +479,8 @@ class Detector:
         Each attribute assignment is atomic; a frame being postprocessed by another thread at that
         instant may see the old image threshold with the new pixel threshold.
         """
+        #: The bundle ``Thresholds`` in use (None: none); its ``details["decode"]`` says which decode they were fitted on.
+        self.thresholds = thresholds
         self.image_threshold, self.pixel_threshold, self.display_threshold = threshold_values(thresholds)
         self._warned = False  # warn again if the new thresholds are still incomplete
 
@@ -519,19 +542,20 @@ class Detector:
                 t_inf += (t2 - t1) * 1e3
         return np.concatenate(maps), np.concatenate(scores), t_pre, t_inf
 
-    def _preprocess_into(self, slot: int, views: list[np.ndarray], color_order: str) -> None:
+    def _preprocess_into(self, slot: int, views: list[np.ndarray], color_order: str, num_threads: int = 0) -> None:
         """Resize + normalise ``views`` straight into the engine slot's input (GPU when the engine can).
 
         Engines with their own ``preprocess`` (TensorRT with the CUDA extension: uint8 frames are
         uploaded and the kernel writes the device input) take the frames; the others expose a host
         buffer that the C++ extension fills in place. Either way there is no intermediate copy.
+        ``num_threads``: the extension's threads (0 = automatic).
         """
         own = getattr(self.engine, "preprocess", None)
         if own is not None:
             own(slot, views, self.spec, color_order=color_order)
             return
         buf = self.engine.slot_buffer(slot, len(views))
-        preprocess_batch(views, self.spec, color_order=color_order, out=buf[: len(views)])
+        preprocess_batch(views, self.spec, color_order=color_order, out=buf[: len(views)], num_threads=num_threads)
 
 
     def calibrate(self, good_frames: Any, target_fpr: float = 0.01, **kwargs: Any) -> Any:
@@ -539,9 +563,11 @@ class Detector:
 
         ``good_frames``: a source (image folder, video file, camera...), an array or an iterable of
         uint8 frames of good parts. Other keyword arguments (``pixel_fpr``, ``roi``, ``color_order``,
-        ``max_frames``, ``save``, ``progress``, ``camera``) as :func:`edge_ad.runtime.calibrate.calibrate_bundle`;
+        ``max_frames``, ``save``, ``progress``, ``camera``, ``reduced_decode``) as :func:`edge_ad.runtime.calibrate.calibrate_bundle`;
         ``camera="cam_side"`` fits that camera's profile only (``det.stream({"cam_side": ...})`` judges
-        its frames by it; the bundle's default thresholds stay).
+        its frames by it; the bundle's default thresholds stay). An image folder is decoded as
+        :meth:`stream` decodes it (reduced JPEG decode by default, ``reduced_decode=False`` for
+        streams that decode in full), so the thresholds fit the stream's scores.
         Returns its :class:`~edge_ad.runtime.calibrate.CalibrationReport`.
         """
         from .calibrate import calibrate_bundle

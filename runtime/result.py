@@ -62,9 +62,9 @@ class Result:
         frame: the frame the result is for (the uint8 array the source delivered, not a copy) when
             the stream was asked to keep frames (``keep_frames=True``, e.g. for overlays), else None.
         decode_scale: the source decoded this frame at 1/``decode_scale`` of the file's size on
-            each axis (``reduced_decode=True`` on a folder source: 2, 4 or 8; else 1). Maps,
-            regions and ``frame`` are in the decoded frame's pixels: multiply region boxes by it
-            for the file's pixels (approximately: the decoded size is ceil(H / decode_scale)).
+            each axis (reduced decode of a folder source: 2, 4 or 8; else 1), for information:
+            maps and regions are still in the file's (stored frame's) pixels; only ``frame`` is
+            the decoded, smaller array ((ceil(H / decode_scale), ceil(W / decode_scale))).
     """
 
     anomaly_map: np.ndarray

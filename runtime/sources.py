@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ._cv import require_cv2
-from .image_io import is_image_file, read_image, reduction_factor
+from .image_io import is_image_file, read_image, read_image_reduced
 
 __all__ = [
     "VIDEO_SUFFIXES",
@@ -84,6 +84,9 @@ class FrameSource:
     fps: float | None = None
     #: The last frame was decoded at 1/last_scale of its stored size per axis (see FolderSource).
     last_scale: int = 1
+    #: (height, width) of the last frame as stored (its full size) when it was decoded smaller
+    #: (``last_scale`` > 1); results are given in these pixels. None: the frame is full size.
+    last_size: tuple[int, int] | None = None
 
     def __init__(self) -> None:
         self.end_message: str | None = None
@@ -261,12 +264,12 @@ class VideoFileSource(_CaptureSource):
 class FolderSource(FrameSource):
     """The image files of a folder in sorted name order, read as BGR; unreadable files are skipped.
 
-    Reduced-size decode (``min_size`` set): each file is decoded at 1/2, 1/4 or 1/8 of its size
-    (OpenCV ``IMREAD_REDUCED_COLOR_*``, DCT scaling for JPEGs) when that still gives at least
-    ``min_size`` pixels on both axes, so a 224 px model does not pay for decoding a 0.5 MP JPEG
-    in full. The factor is chosen from the first file (decoded in full once, to learn its size) and
-    kept; a later file that would come out smaller than ``min_size`` at it is decoded in full.
-    :attr:`last_scale` is the factor of the frame :meth:`read` returned last.
+    Reduced-size decode (``min_size`` set): each JPEG is decoded at 1/2, 1/4 or 1/8 of its size
+    (OpenCV ``IMREAD_REDUCED_COLOR_*``: libjpeg's DCT scaling; other formats in full) when that still gives at least
+    ``min_size`` pixels on both axes (:func:`~edge_ad.runtime.image_io.read_image_reduced`: the
+    factor comes from each file's header), so a 224 px model does not pay for decoding a 0.5 MP
+    JPEG in full. :attr:`last_scale` is the factor of the frame :meth:`read` returned last and
+    :attr:`last_size` its full (H, W), in which a stream reports the frame's results.
     """
 
     live = False
@@ -279,8 +282,8 @@ class FolderSource(FrameSource):
         self.path = Path(path)
         self.name = str(self.path)
         self.min_size = None if min_size is None else (int(min_size[0]), int(min_size[1]))
-        self._factor: int | None = None  # chosen from the first decoded file
         self.last_scale = 1
+        self.last_size: tuple[int, int] | None = None
         self._files: list[Path] | None = None
         self._pos = 0
 
@@ -308,26 +311,18 @@ class FolderSource(FrameSource):
             return Skip("unreadable_file", f"{path}: {exc}")
 
     def reduce_decode(self, min_size: tuple[int, int]) -> bool:
-        self.min_size, self._factor = (int(min_size[0]), int(min_size[1])), None
+        self.min_size = (int(min_size[0]), int(min_size[1]))
         return True
 
     def _decode(self, path: Path) -> np.ndarray:
-        """One file as BGR, reduced when :attr:`min_size` allows; sets :attr:`last_scale`."""
-        self.last_scale = 1
+        """One file as BGR, reduced when :attr:`min_size` allows; sets :attr:`last_scale` / :attr:`last_size`."""
+        self.last_scale, self.last_size = 1, None
         if self.min_size is None:
             return read_image(path, "bgr")
-        if self._factor is None:
-            frame = read_image(path, "bgr")
-            self._factor = reduction_factor(frame.shape[:2], self.min_size)
-            if self._factor == 1:
-                return frame
-            # the first file at the chosen factor too, so every frame of the folder is decoded alike
-        if self._factor > 1:
-            frame = read_image(path, "bgr", self._factor)
-            if frame.shape[0] >= self.min_size[0] and frame.shape[1] >= self.min_size[1]:
-                self.last_scale = self._factor
-                return frame
-        return read_image(path, "bgr")
+        frame, factor, full = read_image_reduced(path, self.min_size, "bgr")
+        if factor > 1:
+            self.last_scale, self.last_size = factor, full
+        return frame
 
 
 def _suffixes() -> set[str]:

@@ -91,6 +91,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .decode_mode import apply_decode_mode, decode_mismatch
 from .detector import NonFiniteOutputError
 from .fair_queue import CLOSED, FairQueue
 from .preprocessing import COLOR_ORDERS
@@ -190,6 +191,9 @@ class StreamStats:
         batch: frames per engine call (the model's static batch; 1 when dynamic).
         batches: engine calls made.
         batch_fill: frames inferred / (batches * batch): 1.0 = every call full, lower = padding.
+        cpu_budget: the detector's :class:`~edge_ad.runtime.cpu_budget.CpuBudget` as a dict
+            (``cores``, ``engine_threads``, ``preprocess_threads``, ``policy``) plus
+            ``engine_reported``: the engine's threads as the engine itself reports them.
     """
 
     source: str
@@ -210,6 +214,7 @@ class StreamStats:
     batch: int = 1
     batches: int = 0
     batch_fill: float = 0.0
+    cpu_budget: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dropped_total(self) -> int:
@@ -310,6 +315,8 @@ class _Frame:
     t_wall: float
     capture_ms: float
     decode_scale: int = 1
+    #: (H, W) the results are given in: the frame's (ROI's) as stored, also when it was decoded smaller.
+    size: tuple[int, int] = (0, 0)
     preprocess_ms: float = 0.0
     t_start: float = 0.0
 
@@ -371,7 +378,7 @@ class _Pipeline:
                  color_order: str = "bgr", roi: tuple[int, int, int, int] | None = None,
                  reconnect: bool | ReconnectPolicy = True, keep_frames: bool = False, max_frames: int | None = None,
                  batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, join_timeout: float = 5.0,
-                 reduced_decode: bool = False) -> None:
+                 reduced_decode: bool = True) -> None:
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an int >= 1 (frames), got {queue_size!r}")
         if color_order not in COLOR_ORDERS:
@@ -398,8 +405,11 @@ class _Pipeline:
             profile = detector.camera_profile(name) if name is not None else None
             lane_roi = _check_roi(profile.roi) if profile is not None and profile.roi is not None else roi
             lane_order = profile.color_order if profile is not None and profile.color_order else color_order
-            if reduced_decode and lane_roi is None:  # a ROI is in full-frame pixels: never reduce under it
-                src.reduce_decode(detector.spec.size)
+            # A ROI is in full-frame pixels: never reduced under it. Calibration decodes the same way
+            # (calibrate.py); thresholds fitted on the other decode are warned about once per camera.
+            mode = apply_decode_mode(src, reduced_decode, lane_roi, detector.spec.size)
+            decode_mismatch(profile.thresholds if profile is not None and profile.thresholds is not None
+                            else detector.thresholds, mode, name, detector.decode_warned)
             self.lanes.append(_Lane(len(self.lanes), name, src, lane_roi, lane_order,
                                     profile.thresholds if profile is not None else None))
         self.lossless = (not any(lane.source.live for lane in self.lanes)) if lossless is None else bool(lossless)
@@ -481,6 +491,8 @@ class _Pipeline:
             total.batch = self.batch
             total.batches = self._batches
             total.batch_fill = self._batched_frames / (self._batches * self.batch) if self._batches else 0.0
+            total.cpu_budget = {**self.detector.cpu_budget.to_dict(),
+                                "engine_reported": getattr(self.detector.engine, "threads", None)}
             return total
 
     def start(self) -> "_Pipeline":
@@ -698,8 +710,11 @@ class _Pipeline:
                 except (TypeError, ValueError) as exc:
                     self._skip(lane, i, "bad_frame", str(exc))
                     continue
+                # A reduced-size decode (never under a ROI) is reported in the stored frame's pixels.
+                scale = lane.source.last_scale
+                size = lane.source.last_size if scale > 1 and lane.source.last_size else view.shape[:2]
                 ok, old = self._frames.put(lane.index, _Frame(lane.index, i, item, view, t_mono, t_wall, capture_ms,
-                                                                   lane.source.last_scale),
+                                                              scale, (int(size[0]), int(size[1]))),
                                            drop_oldest=drop)
                 with self._lock:
                     if old is not None:
@@ -773,7 +788,7 @@ class _Pipeline:
                         continue
                     t2 = time.perf_counter()
                     try:
-                        res = det.make_result(maps[j], float(scores[j]), item.view.shape[:2], lane.roi,
+                        res = det.make_result(maps[j], float(scores[j]), item.size, lane.roi,
                                               where=f"frame {item.index} of {lane.name}", thresholds=lane.thresholds)
                     except NonFiniteOutputError as exc:  # a fault, never a verdict: counted, and the stream goes on
                         self._skip(lane, item.index, "non_finite_output", str(exc))
@@ -916,8 +931,8 @@ def result_record(res: Result) -> dict[str, Any]:
 
     Keys: ``frame_index``, ``capture_time`` (monotonic s), ``capture_wall_time`` (Unix s),
     ``source``, ``score``, ``is_anomalous``, ``regions`` (list of ``{x, y, w, h, area_px, peak}``
-    in frame pixels, or null), ``roi``, ``decode_scale`` (the frame was decoded at 1/N size:
-    regions are in decoded pixels), ``timings`` (ms).
+    in frame pixels, or null), ``roi``, ``decode_scale`` (the frame was decoded at 1/N size;
+    regions are still in the stored frame's pixels), ``timings`` (ms).
     """
     return {
         "frame_index": res.frame_index, "capture_time": res.capture_time, "capture_wall_time": res.capture_wall_time,
@@ -933,7 +948,8 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
                lossless: bool | None = None, max_frames: int | None = None, device: str = "auto",
                roi: tuple[int, int, int, int] | None = None, color_order: str = "bgr", queue_size: int = 2,
                reconnect: bool | ReconnectPolicy = True, progress: bool = True,
-               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, reduced_decode: bool = False) -> StreamStats:
+               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, reduced_decode: bool = True,
+               engine_threads: int | None = None) -> StreamStats:
     """Stream a bundle over a source, writing JSON lines / an overlay video / a window. ``edge-ad run``.
 
     Args:
@@ -949,6 +965,8 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
         lossless, max_frames, roi, color_order, queue_size, reconnect, batch_wait_ms,
             reduced_decode: as :meth:`Detector.stream`.
         device: engine device (``"auto"`` = the bundle target's).
+        engine_threads: the engine's CPU threads, as :meth:`~edge_ad.runtime.Detector.load`
+            (None = the default budget); refused with a loaded detector (it has its engine already).
         progress: a tqdm bar (when tqdm is installed) counting results.
 
     Returns:
@@ -964,7 +982,10 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
     if (show or save) and len(split_sources(source)) > 1:
         raise ValueError("show / save draw one camera's video; with several sources write --jsonl (each record "
                          "names its source) or run one camera with --show / --save")
-    det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device)
+    if isinstance(bundle, Detector) and engine_threads is not None:
+        raise ValueError("engine_threads is set when a detector is loaded: pass Detector.load(..., engine_threads=N) "
+                         "or a bundle path here")
+    det = bundle if isinstance(bundle, Detector) else Detector.load(bundle, device, engine_threads=engine_threads)
     draw = None
     if show or save:
         from .overlay import draw_overlay as draw  # written by the overlay module; imported only when drawing
@@ -998,6 +1019,8 @@ def run_stream(bundle: Any, source: Any, *, show: bool = False, save: str | None
                     out.write(json.dumps(result_record(res)) + "\n")
                 if draw is not None:
                     frame = res.frame if res.frame.ndim == 3 else cv2.cvtColor(res.frame, cv2.COLOR_GRAY2BGR)
+                    if res.decode_scale > 1:  # decoded smaller; the maps and boxes are in the stored pixels
+                        frame = cv2.resize(frame, (res.anomaly_map.shape[1], res.anomaly_map.shape[0]))
                     if color_order == "rgb":
                         frame = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
                     image = draw(frame, res)

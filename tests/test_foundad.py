@@ -80,6 +80,48 @@ def test_patch_score_is_channel_mean_squared_residual() -> None:
     torch.testing.assert_close(f[:, 1 * det.grid_size[1] + 2], fmap[:, :, 1, 2])
 
 
+def test_channel_feature_norm_standardises_tokens_with_good_image_statistics() -> None:
+    torch.manual_seed(0)
+    det = make_detector("foundad", "cnn")  # EfficientNet-Lite0 stages, raw (un-normalised) features
+    assert det.config.feature_norm == "channel"
+    good = torch.randn(4, 3, IMG, IMG)
+    raw = det._raw_features(good)
+    torch.testing.assert_close(det.features(good), raw)  # identity until fitted
+    stats = det.fit_feature_norm(good)
+    flat = raw.reshape(-1, det.feature_dim).double()
+    var = flat.var(0, unbiased=False)
+    assert stats["tokens"] == 4 * det.num_patches
+    expected = (raw - flat.mean(0).float()) / (var + 0.01 * var.mean()).sqrt().float()
+    with torch.no_grad():
+        f = det.features(good)
+        torch.testing.assert_close(f, expected, rtol=1e-4, atol=1e-4)
+        assert f.reshape(-1, det.feature_dim).mean(0).abs().max() < 1e-4
+        # The residual (patch score) lives in the standardised units.
+        torch.testing.assert_close(det.patch_scores(good),
+                                   (f - det.projector(f)).pow(2).mean(-1).reshape(4, 1, *det.grid_size))
+    # "none" keeps the raw features and has no statistics to fit or save.
+    plain = make_detector("foundad", "cnn", feature_norm="none")
+    assert plain.fit_feature_norm(good) == {} and "feature_mean" not in plain.state_dict()
+    torch.testing.assert_close(plain.features(good), plain._raw_features(good))
+    with pytest.raises(ValueError, match="feature_norm must be one of"):
+        FoundADConfig(feature_norm="layer")
+
+
+def test_feature_norm_round_trips_and_old_configs_load_without_it(tmp_path: Path) -> None:
+    from edge_ad.methods import load_detector, save_checkpoint
+
+    det = make_detector("foundad", "cnn")
+    det.fit_feature_norm(torch.randn(2, 3, IMG, IMG))
+    save_checkpoint(det, tmp_path / "run")
+    back = load_detector(tmp_path / "run")
+    for k in ("feature_mean", "feature_std"):
+        torch.testing.assert_close(back.state_dict()[k], det.state_dict()[k])
+    # A config saved before the field existed was trained on raw features.
+    doc = det.config.to_dict()
+    del doc["feature_norm"]
+    assert FoundADConfig.from_dict(doc).feature_norm == "none"
+
+
 def test_top_k_image_score_hand_computed() -> None:
     det = make_detector("foundad", "cnn", top_k=3)  # 8 x 8 patch grid
     h, w = det.grid_size

@@ -68,6 +68,9 @@ def test_foundad_paper_preset_matches_the_reference():
     assert cfg["cutpaste_scar_side"] == 512.0
     # foundad/src/utils/synthesis.py:119  generate_target_foreground_mask(img, subclass): per-class rules
     assert cfg["class_foreground"] is True
+    # foundad/src/foundad.py  get_intermediate_layers(..., norm=True): the tokens are already through the
+    # encoder's final LayerNorm, so no extra per-channel standardisation
+    assert cfg["feature_norm"] == "none"
 
 
 def test_anomalyvfm_paper_preset_matches_the_reference():

@@ -48,6 +48,15 @@ def test_resume_reproduces_an_uninterrupted_run(real_root, tmp_path):
     assert any(not torch.allclose(a[k], _projector(fresh)[k]) for k in a)
     log = json.loads((straight / "train_log.json").read_text())
     assert log["shots"] == 2 and len(log["images"]) == 2 and log["fit"]["end_step"] == 6
+    # feature_norm="channel" (default): token statistics fitted on the two shots before training,
+    # saved with the projector and re-fitted identically on resume.
+    det = load_detector(straight)
+    assert log["feature_norm"]["tokens"] == 2 * det.num_patches
+    stats = {k: v for k, v in load_file(straight / "model.safetensors").items() if k.startswith("feature_")}
+    assert set(stats) == {"feature_mean", "feature_std"} and stats["feature_mean"].abs().sum() > 0
+    for k, v in load_file(resumed / "model.safetensors").items():
+        if k in stats:
+            torch.testing.assert_close(v, stats[k])
 
 
 def test_refuses_to_overwrite_and_to_resume_nothing(real_root, tmp_path):

@@ -93,3 +93,29 @@ def named_sources(specs: list[str]) -> Any:
     if len(out) == 1 and not named:
         return next(iter(out.values()))
     return out
+
+
+def engine_threads(text: str) -> int | None:
+    """``--engine-threads``: ``auto`` (None: the default CPU budget) or an int >= 1 (checked against the
+    usable cores by :func:`edge_ad.runtime.cpu_budget.check_engine_threads`)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of threads >= 1, got {text!r}") from None
+    from edge_ad.runtime.cpu_budget import check_engine_threads
+
+    try:
+        return check_engine_threads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser, reduced_help: str, full_help: str) -> None:
+    """``--reduced-decode`` (default) / ``--full-decode`` -> ``args.reduced_decode`` (bool): how image folders are
+    decoded (``run``, ``benchmark``, ``calibrate``: docs/MULTI_CAMERA.md)."""
+    decode = parser.add_mutually_exclusive_group()
+    decode.add_argument("--reduced-decode", dest="reduced_decode", action="store_true", default=True,
+                        help=reduced_help)
+    decode.add_argument("--full-decode", dest="reduced_decode", action="store_false", help=full_help)

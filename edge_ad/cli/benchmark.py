@@ -1,4 +1,5 @@
-"""``edge-ad benchmark BUNDLE [--source SRC] [--sources N] [--batch-wait-ms M] [--warmup N] [--iterations N] [--json FILE] [--device D]``.
+"""``edge-ad benchmark BUNDLE [--source SRC] [--sources N] [--batch-wait-ms M] [--warmup N] [--iterations N]
+[--json FILE] [--device D] [--engine-threads N] [--full-decode]``.
 
 Per-stage latency percentiles, end-to-end streaming FPS next to the bare engine's, capture-to-
 decision p99, drops, peak RSS and device facts. Thin wrapper over
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._parse import pixel_size
+from ._parse import add_decode_arguments, engine_threads, pixel_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,10 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-resolution", choices=("frame", "model", "lazy"), default="frame",
                         help="Result maps: frame (default), model, or lazy (made on first access; regions at model "
                              "resolution)")
-    parser.add_argument("--reduced-decode", action="store_true",
-                        help="image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
-                             "size (cheaper decode of large frames); results are in decoded pixels (decode_scale "
-                             "records the factor); not with --roi")
+    add_decode_arguments(
+        parser,
+        "image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
+        "size (default; results stay in the file's pixels, decode_scale records the factor)",
+        "image folders: decode every file at full size (scores exactly as predict on the file)")
+    parser.add_argument("--engine-threads", type=engine_threads, default=None, metavar="N|auto",
+                        help="the engine's CPU inference threads (OpenVINO INFERENCE_NUM_THREADS, onnxruntime "
+                             "intra_op_num_threads), 1..usable cores, or auto (default: the measured budget, "
+                             "docs/MULTI_CAMERA.md); the other cores go to the stream's preprocessing")
     parser.add_argument("--frame-size", type=pixel_size, default=(480, 640),
                         help="HxW of the synthetic frames (default 480x640)")
 
@@ -44,6 +50,6 @@ def run(args: argparse.Namespace) -> int:
     report = benchmark(args.bundle, source, warmup=args.warmup, iterations=args.iterations, device=args.device,
                        json_path=args.json, frame_size=size, sources=args.sources,
                        batch_wait_ms=args.batch_wait_ms, map_resolution=args.map_resolution,
-                       reduced_decode=args.reduced_decode)
+                       reduced_decode=args.reduced_decode, engine_threads=args.engine_threads)
     print(format_report(report))
     return 0

@@ -1,7 +1,7 @@
 """``edge-ad run BUNDLE --source SRC [--source NAME=SRC ...] [--batch-wait-ms M] [--show] [--save out.mp4]
-[--jsonl results.jsonl] [--lossless] [--max-frames N] [--device D] [--reduced-decode]``: stream a bundle over a camera /
-video / folder / URL / pipeline, or several named cameras at once (``--source cam_top=0 --source
-cam_side=rtsp://...``: one detector, per-camera profiles, docs/MULTI_CAMERA.md).
+[--jsonl results.jsonl] [--lossless] [--max-frames N] [--device D] [--full-decode] [--engine-threads N]``:
+stream a bundle over a camera / video / folder / URL / pipeline, or several named cameras at once
+(``--source cam_top=0 --source cam_side=rtsp://...``: one detector, per-camera profiles, docs/MULTI_CAMERA.md).
 
 Thin wrapper over :func:`edge_ad.runtime.stream.run_stream`; torch-free.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._parse import named_sources, roi
+from ._parse import add_decode_arguments, engine_threads, named_sources, roi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,10 +21,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bundle); repeat for several cameras through one detector")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0,
                         help="static-batch bundles: how long an engine call waits for other cameras' frames (2 ms)")
-    parser.add_argument("--reduced-decode", action="store_true",
-                        help="image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
-                             "size (cheaper decode of large frames); results are in decoded pixels (decode_scale "
-                             "records the factor); not with --roi")
+    add_decode_arguments(
+        parser,
+        "image folders: decode JPEGs at 1/2, 1/4 or 1/8 size when that keeps the model input's "
+        "size (default; results stay in the file's pixels, decode_scale records the factor; "
+        "never with --roi)",
+        "image folders: decode every file at full size (scores exactly as predict on the file; "
+        "calibrate its thresholds with edge-ad calibrate --full-decode, else a warning says "
+        "the decodes differ)")
+    parser.add_argument("--engine-threads", type=engine_threads, default=None, metavar="N|auto",
+                        help="the engine's CPU inference threads (OpenVINO INFERENCE_NUM_THREADS, onnxruntime "
+                             "intra_op_num_threads), 1..usable cores, or auto (default: the measured budget, "
+                             "docs/MULTI_CAMERA.md); the other cores go to the stream's preprocessing")
     parser.add_argument("--show", action="store_true", help="show frames with the anomaly overlay (q / Esc quits)")
     parser.add_argument("--save", default=None, help="write overlaid frames to this video (.mp4 or .avi)")
     parser.add_argument("--jsonl", default=None, help="write one JSON object per frame, then a final stats line")
@@ -55,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     stats = run_stream(bundle, source, show=args.show, save=args.save, jsonl=args.jsonl, lossless=args.lossless,
                        max_frames=args.max_frames, device=args.device, roi=args.roi, color_order=args.color_order,
                        progress=not args.no_progress, batch_wait_ms=args.batch_wait_ms,
-                       reduced_decode=args.reduced_decode)
+                       reduced_decode=args.reduced_decode, engine_threads=args.engine_threads)
     keys = ("source", "mode", "captured", "delivered", "dropped", "skipped", "fps")
     d = stats.to_dict()
     summary = {k: d[k] for k in keys}

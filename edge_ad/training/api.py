@@ -90,6 +90,8 @@ def _fit_gradient(
     foregrounds = [fg if fg is not None else foreground_mask(img) for fg, img in zip(by_class, images)]
     with torch.no_grad():
         clean_all = torch.from_numpy(preprocess_batch(images, spec, color_order="rgb")).to(device)
+        # Token statistics first (feature_norm="channel"): every token below is standardised with them.
+        feature_norm = detector.fit_feature_norm(clean_all)
         clean_tokens = torch.cat([detector.features(clean_all[i : i + 8]) for i in range(0, len(images), 8)])
 
     def make_batch(step: int, rank: int):
@@ -132,7 +134,7 @@ def _fit_gradient(
                  progress=progress, description=f"train {detector.method}", eta_hint=eta_hint)
     return {"fit": result.to_dict(), "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": cfg.weight_decay,
                                                    "batch_size": batch_size, "steps": steps},
-            "augment": cfg.augment, "class_foreground_images": sum(fg is not None for fg in by_class)}
+            "augment": cfg.augment, "feature_norm": feature_norm, "class_foreground_images": sum(fg is not None for fg in by_class)}
 
 
 def _train_supervised(

@@ -61,7 +61,9 @@ def _foundad() -> list[Preset]:
         Preset("foundad", "paper", "DINOv3 ViT-B/16 at 512, block 9, 1-shot, one model for all categories, "
                "no map smoothing (FoundAD reference code)", "dinov3_vitb16",
                train={"image_size": 512, "layers": (9,), "steps": 2000, "batch_size": 8, "lr": 1e-3, "shots": 1},
-               options={**common, "smoothing_sigma": 0.0, "class_foreground": True}, all_categories=True, hours=1.0,
+               # feature_norm "none": the reference's ViT tokens come out of the final LayerNorm already.
+               options={**common, "smoothing_sigma": 0.0, "class_foreground": True, "feature_norm": "none"},
+               all_categories=True, hours=1.0,
                hardware="one 24 GB GPU"),
         Preset("foundad", "edge", "EfficientNet-Lite0 at its default size, 8 shots per category, 300 steps, "
                "Gaussian sigma 4 (CPU-friendly)", "efficientnet_lite0",

@@ -34,7 +34,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from ..bundle import Bundle
 
-__all__ = ["DEFAULT_SLOTS", "Engine", "SlotEngine", "create_engine"]
+__all__ = ["DEFAULT_SLOTS", "Engine", "SlotEngine", "create_engine", "runs_on_cpu"]
 
 #: Slots an engine gets by default: slot 0 for synchronous ``predict`` calls, slots 1 and 2 for a
 #: stream's double buffering (one inferring while the next frame is preprocessed).
@@ -52,6 +52,9 @@ class Engine(Protocol):
     batch: int | None
     #: Requests that may be in flight at once (>= 1), each with its own input buffer.
     num_slots: int
+    #: The engine's CPU inference threads as the engine reports them (read back from the compiled
+    #: model / session), or None when it does not run on the CPU or leaves it to its default.
+    threads: int | None
 
     def input_buffer(self, n: int) -> np.ndarray:
         """``slot_buffer(0, n)``."""
@@ -118,17 +121,31 @@ def _output_indices(bundle: "Bundle", names: list[str]) -> tuple[int, int]:
     return 0, 1
 
 
-def create_engine(bundle: "Bundle", device: str = "auto", *, slots: int = DEFAULT_SLOTS) -> Engine:
-    """Build the engine the bundle was made for (``manifest.engine.name``) with ``slots`` request slots."""
+def runs_on_cpu(bundle: "Bundle", device: str = "auto") -> bool:
+    """Whether the bundle's engine on ``device`` infers on the CPU (so its thread count is ours to set)."""
+    device = bundle.target.device if device == "auto" else str(device)
+    return bundle.manifest.engine.name in ("openvino", "onnxruntime") and device.upper() == "CPU"
+
+
+def create_engine(bundle: "Bundle", device: str = "auto", *, slots: int = DEFAULT_SLOTS,
+                  threads: int | None = None) -> Engine:
+    """Build the engine the bundle was made for (``manifest.engine.name``) with ``slots`` request slots.
+
+    ``threads``: the engine's CPU inference threads (:mod:`edge_ad.runtime.cpu_budget`); None
+    keeps the engine's default. Only for engines on the CPU (:func:`runs_on_cpu`).
+    """
     name = bundle.manifest.engine.name
+    if threads is not None and not runs_on_cpu(bundle, device):
+        raise ValueError(f"threads={threads}: engine {name!r} on device {device!r} does not run on the CPU; "
+                         "leave the thread count unset")
     if name == "onnxruntime":
         from .onnxruntime_engine import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(bundle, device, slots=slots)
+        return OnnxRuntimeEngine(bundle, device, slots=slots, threads=threads)
     if name == "openvino":
         from .openvino_engine import OpenVINOEngine
 
-        return OpenVINOEngine(bundle, device, slots=slots)
+        return OpenVINOEngine(bundle, device, slots=slots, threads=threads)
     if name == "tensorrt":
         from .tensorrt_engine import TensorRTEngine
 

@@ -53,12 +53,15 @@ class OnnxRuntimeEngine(SlotEngine):
         slots: request slots (slot 0 = the synchronous API / ``Detector.predict``).
         spinning: let onnxruntime's intra-op threads spin-wait between runs (lower latency on an
             otherwise idle machine, wasted cores in a pipeline); off by default.
+        threads: ``intra_op_num_threads`` (the CPU budget, :mod:`edge_ad.runtime.cpu_budget`);
+            None = onnxruntime's default (one per physical core). With 1 thread onnxruntime has
+            no worker thread for ``run_async``: slots then run inside ``start`` (not overlapped).
     """
 
     name = "onnxruntime"
 
     def __init__(self, bundle: "Bundle", device: str = "auto", *, slots: int = DEFAULT_SLOTS,
-                 spinning: bool = False) -> None:
+                 spinning: bool = False, threads: int | None = None) -> None:
         ort = _import_onnxruntime()
         device = bundle.target.device if device == "auto" else str(device)
         provider = _PROVIDERS.get(device.upper())
@@ -78,7 +81,12 @@ class OnnxRuntimeEngine(SlotEngine):
         # CPU: stream throughput about doubled with spinning off); a caller that owns a dedicated
         # machine and calls predict in a tight loop may turn it back on.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1  # sequential execution: no inter-op pool is used
         self.session = ort.InferenceSession(str(bundle.path("model.onnx")), options, providers=[provider])
+        #: intra_op_num_threads as the session holds it (None: onnxruntime's default, 0 in its options).
+        self.threads = int(self.session.get_session_options().intra_op_num_threads) or None
         inp = self.session.get_inputs()[0]
         self._input_name = inp.name
         dim0 = inp.shape[0]

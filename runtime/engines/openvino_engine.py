@@ -3,6 +3,12 @@
 One ``InferRequest`` per slot (``start_async`` / ``wait``). Preprocessing writes straight into
 each request's own input tensor (``tensor.data``), so no copy happens between preprocessing and
 inference.
+
+CPU budget (``threads``, :mod:`edge_ad.runtime.cpu_budget`): ``INFERENCE_NUM_THREADS`` = threads
+and, unless the bundle pins another, ``PERFORMANCE_HINT`` = ``LATENCY`` (one executor stream that
+uses all of them): a stream keeps one engine call in flight while it preprocesses the next, so
+one stream with the whole thread budget finishes each call soonest; a ``THROUGHPUT`` hint would
+split the budget into streams that only help with more calls in flight.
 """
 from __future__ import annotations
 
@@ -32,15 +38,22 @@ class OpenVINOEngine(SlotEngine):
 
     name = "openvino"
 
-    def __init__(self, bundle: "Bundle", device: str = "auto", *, slots: int = DEFAULT_SLOTS) -> None:
+    def __init__(self, bundle: "Bundle", device: str = "auto", *, slots: int = DEFAULT_SLOTS,
+                 threads: int | None = None) -> None:
         ov = _import_openvino()
         self.device = bundle.target.device if device == "auto" else str(device)
         self.version = str(ov.get_version())
         self.num_slots = check_slots(slots)
         config = dict(bundle.manifest.engine.hints)  # INFERENCE_PRECISION_HINT is always pinned in the bundle
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+            config.setdefault("PERFORMANCE_HINT", "LATENCY")
         self.config = config
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(bundle.path("openvino/model.xml"))), self.device, config)
+        #: INFERENCE_NUM_THREADS as the compiled model reports it (CPU only; None elsewhere).
+        self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS")) if self.device.upper() == "CPU" \
+            else None
         shape = self.compiled.inputs[0].get_partial_shape()
         self.batch = int(shape[0].get_length()) if shape[0].is_static else None
         self._hw = (bundle.manifest.input.height, bundle.manifest.input.width)

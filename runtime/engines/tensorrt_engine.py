@@ -153,6 +153,7 @@ class TensorRTEngine(SlotEngine):
             self.close()
             raise
         self.num_slots = num_slots
+        self.threads = None  # inference runs on the GPU: no CPU thread budget
 
     # ------------------------------------------------------------------------------------ setup
     def _load_engine(self, bundle: "Bundle", index: int, dla_core: int | None, build: bool,

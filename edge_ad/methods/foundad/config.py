@@ -1,11 +1,14 @@
-"""FoundAD configuration (defaults = the paper's reference setting)."""
+"""FoundAD configuration (defaults = the paper's reference setting, plus per-channel token standardisation)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..base import BackboneSpec, MethodConfig
 
-__all__ = ["FoundADConfig"]
+__all__ = ["FEATURE_NORMS", "FoundADConfig"]
+
+FEATURE_NORMS = ("channel", "none")
 
 
 @dataclass
@@ -13,8 +16,9 @@ class FoundADConfig(MethodConfig):
     """FoundAD: a small transformer (the "manifold projector") learns to map features of a frozen
     foundation encoder back onto the manifold of good features; the residual is the anomaly.
 
-    Reference setting: DINOv3 ViT-B/16 at 512 x 512, patch tokens of block 9 (third from last)
-    through the final norm; projector 384 wide, 6 blocks, 12 heads; AdamW lr 1e-3, weight decay
+    Defaults = the reference setting, except ``feature_norm="channel"`` (CNN features need it;
+    ``--preset paper`` sets ``"none"``, the reference). Reference setting: DINOv3 ViT-B/16 at
+    512 x 512, patch tokens of block 9 (third from last) through the final norm; projector 384 wide, 6 blocks, 12 heads; AdamW lr 1e-3, weight decay
     1e-4, constant lr, batch 8; CutPaste context images half of the time; top-10 image score.
 
     Attributes:
@@ -40,6 +44,13 @@ class FoundADConfig(MethodConfig):
             for brightness, contrast, saturation and hue, ``src/train.py:61``).
         cutpaste_scar_side: image side (pixels) at which the CutPaste scar sizes (2-16 x 10-25 px)
             apply; the reference draws them in pixels of its 512-pixel inputs.
+        feature_norm: ``"channel"`` standardises every encoder token per channel with the mean /
+            standard deviation of the good training images' tokens (fixed buffers, fitted once
+            before training) before the projector and the residual; ``"none"`` uses the raw
+            features. The reference's ViT tokens come out of the encoder's final LayerNorm; CNN
+            stages are not normalised (EfficientNet-Lite0 stage 3: std 4-7 per channel around
+            non-zero means), so a projector that starts near zero spends its first hundreds of
+            steps learning that scale. ``--preset paper`` sets ``"none"`` (the reference).
         class_foreground: paste inside the reference's per-class foreground rule when the
             category folder is an MVTec AD / VisA class name
             (:func:`edge_ad.synth.class_foreground.class_foreground`); other categories, or False,
@@ -64,6 +75,7 @@ class FoundADConfig(MethodConfig):
     cutpaste_hue_jitter: float = 0.5
     cutpaste_scar_side: float = 512.0
     class_foreground: bool = False
+    feature_norm: str = "channel"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,5 +106,15 @@ class FoundADConfig(MethodConfig):
         if self.cutpaste_hue_jitter < 0 or not self.cutpaste_scar_side > 0:
             raise ValueError("cutpaste_hue_jitter must be >= 0 and cutpaste_scar_side > 0 pixels, got "
                              f"{self.cutpaste_hue_jitter}, {self.cutpaste_scar_side}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
         self.lr = float(self.lr)
         self.weight_decay = float(self.weight_decay)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FoundADConfig":
+        """As :meth:`MethodConfig.from_dict`; a saved config without ``feature_norm`` was written
+        before the field existed, with raw features, so it loads as ``"none"``."""
+        if isinstance(d, dict) and "feature_norm" not in d:
+            d = {**d, "feature_norm": "none"}
+        return super().from_dict(d)  # type: ignore[return-value]

@@ -149,11 +149,53 @@ class FoundAD(AnomalyDetector):
         self.projector = ManifoldProjector(
             self.feature_dim, cfg.projector_dim, cfg.projector_depth, cfg.projector_heads, cfg.projector_mlp_ratio
         )
+        if cfg.feature_norm == "channel":
+            # Identity until fit_feature_norm; buffers so they travel with checkpoints and exports.
+            self.register_buffer("feature_mean", torch.zeros(self.feature_dim))
+            self.register_buffer("feature_std", torch.ones(self.feature_dim))
+
+    # ------------------------------------------------------------------ feature standardisation
+    @torch.no_grad()
+    def fit_feature_norm(self, images: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+        """Fit the per-channel token statistics of ``feature_norm="channel"`` on good images.
+
+        Args:
+            images: (B, 3, H, W) normalised good images (the training shots).
+            batch_size: encoder batch.
+
+        Returns:
+            ``{"tokens": count, "std_min": ..., "std_median": ..., "std_max": ...}`` of the raw
+            features (feature units), for the training log. A no-op (empty dict) with
+            ``feature_norm="none"``.
+
+        The standard deviation is floored at 10 % of the channels' RMS standard deviation: a
+        channel that is (almost) constant on the shots would otherwise turn tiny test-time noise
+        into huge residuals.
+        """
+        if self.config.feature_norm != "channel":  # type: ignore[attr-defined]
+            return {}
+        self.check_images(images)
+        raw = torch.cat([self._raw_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        flat = raw.reshape(-1, raw.shape[-1]).double()
+        mean, var = flat.mean(dim=0), flat.var(dim=0, unbiased=False)
+        std = (var + 0.01 * var.mean()).sqrt()
+        self.feature_mean.copy_(mean.to(self.feature_mean))
+        self.feature_std.copy_(std.to(self.feature_std))
+        raw_std = var.sqrt()
+        return {"tokens": int(flat.shape[0]), "std_min": float(raw_std.min()), "std_median": float(raw_std.median()),
+                "std_max": float(raw_std.max())}
 
     # ------------------------------------------------------------------ features
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Encoder tokens (B, N, C) of images (B, 3, H, W); N = h * w in row-major grid order."""
+    def _raw_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.extract_features(images).flatten(2).transpose(1, 2)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens (B, N, C) of images (B, 3, H, W); N = h * w in row-major grid order;
+        standardised per channel with ``feature_norm="channel"``."""
+        f = self._raw_features(images)
+        if self.config.feature_norm == "channel":  # type: ignore[attr-defined]
+            f = (f - self.feature_mean) / self.feature_std
+        return f
 
     def _training_tokens(self, x: torch.Tensor, what: str) -> torch.Tensor:
         if x.ndim == 3:
