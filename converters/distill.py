@@ -227,7 +227,7 @@ def _set_student_bank(model: Any, features: Any, cfg: Any, seed: int) -> None:
     import torch
 
     from edge_ad.methods.knn.coreset import k_center_greedy
-    from edge_ad.methods.knn.model import nearest_neighbor_distance
+    from edge_ad.methods.knn.model import bank_neighbors, nearest_neighbor_distance
 
     size = min(cfg.bank_size or DEFAULT_BANK_SIZE, features.shape[0])
     bank = features[k_center_greedy(features, size, seed=seed).to(features.device)]
@@ -239,11 +239,8 @@ def _set_student_bank(model: Any, features: Any, cfg: Any, seed: int) -> None:
     # entries (median distance of an entry to its nearest other entry).
     spacing = 0.0
     if bank.shape[0] > 1:
-        b = (bank - center).double()
-        sq = b.pow(2).sum(dim=1)
-        d2 = sq[:, None] + sq[None, :] - 2.0 * b @ b.t()
-        d2.fill_diagonal_(float("inf"))
-        spacing = float(d2.min(dim=1).values.clamp_min(0).sqrt().median())
+        nearest_other = bank_neighbors(bank, 2)[:, 1]  # column 0 is the entry itself
+        spacing = float((bank - bank[nearest_other]).double().norm(dim=1).median())
     model.set_memory_bank(bank, float(dist.mean()), max(float(dist.std()), spacing, 1e-6), 0.1 * spacing)
 
 
@@ -511,9 +508,17 @@ def distill(
             feature_norm = max(float((flat.double() - flat.double().mean(dim=0)).pow(2).sum(dim=1).mean()), 1e-12)
             if cfg.map_head == "bank" and cfg.bank_space == "teacher":
                 _set_student_bank(model, flat, cfg, seed)
+        # The frozen student backbone's features of the clean images: computed once, for the
+        # own-space bank and for the training cache below.
+        clean_sf = None
+        if (cfg.map_head == "bank" and cfg.bank_space == "student") or cfg.synthetic_pool > 0 \
+                or cfg.synthetic_fraction == 0.0:
+            with torch.no_grad():
+                model.eval()
+                clean_sf = torch.cat([model.extract_features(c) for c in clean_x.split(_CHUNK)])
         if cfg.map_head == "bank" and cfg.bank_space == "student":
             with torch.no_grad():
-                own = torch.cat([model.aggregate(model.extract_features(c)) for c in clean_x.split(_CHUNK)])
+                own = model.aggregate(clean_sf)
             _set_student_bank(model, own.permute(0, 2, 3, 1).reshape(-1, own.shape[1]), cfg, seed)
         cfg = model.config  # type: ignore[assignment]  (bank_size written back)
 
@@ -525,13 +530,12 @@ def distill(
         # With fixed inputs (clean images + a synthetic pool, or no synthetic samples) the frozen
         # student backbone's features are fixed too: computed once, a step costs only the head.
         cache_features = pool is not None or cfg.synthetic_fraction == 0.0
-        clean_sf = pool_sf = None
-        if cache_features:
+        pool_sf = None
+        if not cache_features:
+            clean_sf = None  # inputs change every step: the model runs its backbone itself
+        elif pool is not None:
             with torch.no_grad():
-                model.eval()
-                clean_sf = torch.cat([model.extract_features(c) for c in clean_x.split(_CHUNK)])
-                if pool is not None:
-                    pool_sf = torch.cat([model.extract_features(c) for c in pool[0].split(_CHUNK)])
+                pool_sf = torch.cat([model.extract_features(c) for c in pool[0].split(_CHUNK)])
 
         def make_batch(step: int, rank: int) -> StudentBatch:
             rng = np.random.default_rng(step_seed(seed, step, rank))
