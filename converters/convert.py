@@ -59,6 +59,7 @@ def convert(
     progress: bool = True,
     sign_key: str | Path | None = None,
     batch: int = 1,
+    quantize_depthwise: bool | None = None,
 ) -> Path:
     """Convert a trained run into a bundle for ``target``.
 
@@ -93,6 +94,12 @@ def convert(
             map / score difference is recorded in ``info.batch``; above
             :data:`MAX_REBATCH_ERROR` the conversion fails).
 
+        quantize_depthwise: INT8 only: quantise depthwise convs (CNN backbones). None = the
+            recipe's default: OpenVINO follows the method
+            (:attr:`~edge_ad.methods.base.AnomalyDetector.int8_quantize_depthwise`: knn and
+            students quantise them, FoundAD keeps them float); the Q/DQ ONNX of TensorRT and
+            onnxruntime targets keeps them float. The layer reading the image stays float in both.
+
     Returns:
         The bundle path.
     """
@@ -117,6 +124,10 @@ def convert(
     training = run_config.get("training", {}) or {}
     spec = detector.preprocess_spec
     transformer = not detector.backbone.info.name.startswith("efficientnet")
+    if quantize_depthwise is not None and not isinstance(quantize_depthwise, bool):
+        raise TypeError(f"quantize_depthwise must be True, False or None (the recipe's default), got {quantize_depthwise!r}")
+    if quantize_depthwise is not None and precision != "int8":
+        raise ValueError(f"quantize_depthwise applies to INT8 only; precision is {precision}")
 
     # Few-shot runs deploy on the category they were fitted on; zero-shot runs (trained on auxiliary
     # categories) deploy on another one, named by val_data / val_category: its good images then
@@ -148,19 +159,23 @@ def convert(
     if tgt.engine == "openvino":
         from .openvino import convert_openvino, openvino_runner
 
+        depthwise = detector.int8_quantize_depthwise if quantize_depthwise is None else quantize_depthwise
         if precision == "int8" and max_map_error is not None:
             from .openvino import QUANTIZABLE_SCOPES, VIT_QUANTIZABLE_SCOPES
             from .sensitivity import openvino_quantizer
 
             quantizer = openvino_quantizer(onnx_fp32, work / "search", calset.images, transformer=transformer,
-                                           device=tgt.device)
+                                           device=tgt.device, quantize_depthwise=depthwise)
             search = _search(quantizer, detector, onnx_fp32, calset.images, max_map_error, progress,
-                             include=VIT_QUANTIZABLE_SCOPES if transformer else QUANTIZABLE_SCOPES)
+                             include=VIT_QUANTIZABLE_SCOPES if transformer else QUANTIZABLE_SCOPES,
+                             quantize_depthwise=depthwise)
             ov = quantizer.results[frozenset(search["excluded"])]
             ov.quantization = {**(ov.quantization or {}), "sensitivity": search}
         else:
+            extra = {"quantize_depthwise": depthwise} if precision == "int8" else {}
             ov = convert_openvino(onnx_fp32, work / "openvino", precision=precision,
-                                  calibration_images=calset.images, transformer=transformer, device=tgt.device)
+                                  calibration_images=calset.images, transformer=transformer, device=tgt.device,
+                                  **extra)
         artifacts = {"model.onnx": onnx_fp32, "openvino/model.xml": ov.xml, "openvino/model.bin": ov.bin}
         hints = {"INFERENCE_PRECISION_HINT": ov.inference_precision_hint}
         quant_record = ov.quantization
@@ -170,18 +185,21 @@ def convert(
             proxy_note = f"measured on the host CPU (f32), not on {tgt.device}"
     else:
         model_onnx = onnx_fp32
+        # Q/DQ keeps depthwise convs float unless told otherwise (its own measured default).
+        depthwise_kw = {} if quantize_depthwise is None else {"quantize_depthwise": quantize_depthwise}
         if precision == "int8" and max_map_error is not None:
             from .sensitivity import qdq_quantizer
 
-            quantizer = qdq_quantizer(onnx_fp32, work / "search", calset.images)
-            search = _search(quantizer, detector, onnx_fp32, calset.images, max_map_error, progress)
+            quantizer = qdq_quantizer(onnx_fp32, work / "search", calset.images, **depthwise_kw)
+            search = _search(quantizer, detector, onnx_fp32, calset.images, max_map_error, progress,
+                             quantize_depthwise=bool(quantize_depthwise))
             model_onnx = quantizer.artifact(search["excluded"])
             quant_record = {**quantizer.results[frozenset(search["excluded"])].to_dict(), "sensitivity": search}
         elif precision == "int8":
             from .qdq import quantize_qdq
 
             model_onnx = work / "model_qdq.onnx"
-            quant_record = quantize_qdq(onnx_fp32, model_onnx, calset.images).to_dict()
+            quant_record = quantize_qdq(onnx_fp32, model_onnx, calset.images, **depthwise_kw).to_dict()
         if tgt.engine == "tensorrt":
             from .trt_check import check_tensorrt_compatible
 
@@ -285,12 +303,17 @@ def _check_rebatched(runner_1, runner_n, images: np.ndarray, batch: int) -> dict
 
 
 def _search(quantizer, detector, onnx_path: Path, images: np.ndarray, max_error: float, progress: bool,
-            include=None) -> dict[str, Any]:
+            include=None, *, quantize_depthwise: bool) -> dict[str, Any]:
     """Sensitivity search for an INT8 budget; raises when even the best mix cannot meet it."""
     from .fidelity import torch_runner
+    from .qdq import float_layers_by_role
     from .sensitivity import group_quantizable_nodes, sensitivity_search
 
     groups = group_quantizable_nodes(onnx_path, include=include) if include else group_quantizable_nodes(onnx_path)
+    # Layers the recipe keeps float anyway (the stem, depthwise convs) are no search candidates: a
+    # group made of them only would cost a conversion and change nothing.
+    always_float = float_layers_by_role(onnx_path, quantize_depthwise=quantize_depthwise)
+    groups = {g: kept for g, nodes in groups.items() if (kept := [n for n in nodes if n not in always_float])}
     result = sensitivity_search(torch_runner(detector), quantizer, images, groups, max_error=max_error,
                                 progress=progress)
     print(f"[convert] sensitivity search: INT8 map error {result.baseline_error:.4g} -> {result.error:.4g} "

@@ -52,10 +52,13 @@ from .trt_check import constant_values
 
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "DEPTHWISE_REASON",
+    "INPUT_LAYER_REASON",
     "METHODS",
     "QUANTIZED_OP_TYPES",
     "QDQResult",
     "QuantizationPlan",
+    "float_layers_by_role",
     "plan_quantization",
     "quantize_qdq",
     "strip_qdq_from_unquantized_consumers",
@@ -299,16 +302,63 @@ def plan_quantization(
             plan.excluded[node.name] = (
                 f"GEMM of K = {k}, N = {n} (< {min_channels}): no INT8 speed-up, only quantisation error"
             )
-        elif (
-            not quantize_depthwise and node.op_type == "Conv" and int(_attr(node, "group", 1)) > 1
-            and weight.shape[1] == 1
-        ):
-            plan.excluded[node.name] = "depthwise conv: memory-bound, little INT8 gain, most quantisation error"
-        elif keep_input_layers and _reads_graph_input(model, node.input[0], constants):
-            plan.excluded[node.name] = "reads the input image (patch embedding / stem): most error, least compute"
+        elif (role := _float_role(model, node, weight, constants, keep_input_layers=keep_input_layers,
+                                  quantize_depthwise=quantize_depthwise)) is not None:
+            plan.excluded[node.name] = role
         else:
             plan.targets.append(node.name)
     return plan
+
+
+#: Why a layer stays float by its role in the graph (shared by the Q/DQ and the OpenVINO recipes).
+DEPTHWISE_REASON = "depthwise conv: memory-bound, little INT8 gain, most quantisation error"
+INPUT_LAYER_REASON = "reads the input image (patch embedding / stem): most error, least compute"
+
+
+def _is_depthwise(node: Any, weight: np.ndarray) -> bool:
+    return node.op_type == "Conv" and int(_attr(node, "group", 1)) > 1 and weight.shape[1] == 1
+
+
+def _float_role(model: Any, node: Any, weight: np.ndarray, constants: dict[str, np.ndarray], *,
+                keep_input_layers: bool, quantize_depthwise: bool) -> str | None:
+    if not quantize_depthwise and _is_depthwise(node, weight):
+        return DEPTHWISE_REASON
+    if keep_input_layers and _reads_graph_input(model, node.input[0], constants):
+        return INPUT_LAYER_REASON
+    return None
+
+
+def float_layers_by_role(
+    model: Any, *, keep_input_layers: bool = True, quantize_depthwise: bool = False
+) -> dict[str, str]:
+    """Weight-bearing layers that stay float because of what they are, not what they are called.
+
+    Args:
+        model: ``onnx.ModelProto`` or path of an exported detector.
+        keep_input_layers: list the layers reading the input image (a CNN's stem, a ViT's patch
+            embedding).
+        quantize_depthwise: False lists the depthwise convs too.
+
+    Returns:
+        ``{node name: reason}`` in graph order (:data:`INPUT_LAYER_REASON`, :data:`DEPTHWISE_REASON`).
+    """
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    constants = constant_values(model)
+    roles: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OP_TYPES or len(node.input) < 2 or not node.name:
+            continue
+        weight = constants.get(node.input[1])
+        if weight is None or weight.ndim < 2:
+            continue
+        role = _float_role(model, node, weight, constants, keep_input_layers=keep_input_layers,
+                           quantize_depthwise=quantize_depthwise)
+        if role is not None:
+            roles[node.name] = role
+    return roles
 
 
 def strip_qdq_from_unquantized_consumers(model: Any, targets: Sequence[str]) -> int:

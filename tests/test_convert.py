@@ -150,3 +150,32 @@ def test_rebatch_onnx_follows_the_batch_or_refuses_a_baked_one(tmp_path):
         rebatch_onnx(_reshape_max_graph(tmp_path / "baked.onnx", [1, -1]), 4)
     with pytest.raises(ValueError, match="batch must be an int"):
         rebatch_onnx(good, 0)
+
+
+def test_int8_depthwise_follows_the_method_and_the_flag(knn_run, real_root, tmp_path, monkeypatch):
+    """OpenVINO INT8 keeps the stem float always and the depthwise convs float where the method asks
+    (FoundAD) or ``--no-quantize-depthwise`` says so; the bundle records which layers and why."""
+    from edge_ad.cli.main import main
+    from edge_ad.converters.qdq import DEPTHWISE_REASON, INPUT_LAYER_REASON
+    from edge_ad.methods import get_method
+    from edge_ad.methods.foundad.model import FoundAD
+
+    assert FoundAD.int8_quantize_depthwise is False and get_method("knn").detector_class.int8_quantize_depthwise is True
+
+    def float_reasons(bundle_path) -> set[str]:
+        return set(load_bundle(bundle_path).manifest.info["quantization"]["float_layers"].values())
+
+    common = dict(precision="int8", calib=real_root / CATEGORY, calib_count=8, progress=False)
+    assert float_reasons(convert(knn_run, "intel-cpu", tmp_path / "knn", **common)) == {INPUT_LAYER_REASON}
+    out = tmp_path / "flag"
+    assert main(["convert", str(knn_run), "--target", "intel-cpu", "--precision", "int8", "--calib",
+                 str(real_root / CATEGORY), "--calib-count", "8", "--no-quantize-depthwise", "--out", str(out)]) == 0
+    assert float_reasons(out) == {INPUT_LAYER_REASON, DEPTHWISE_REASON}
+    # The default comes from the method class: a knn that asked for float depthwise convs gets them.
+    monkeypatch.setattr(get_method("knn").detector_class, "int8_quantize_depthwise", False)
+    assert DEPTHWISE_REASON in float_reasons(convert(knn_run, "intel-cpu", tmp_path / "cls", **common))
+    assert INPUT_LAYER_REASON in float_reasons(
+        convert(knn_run, "intel-cpu", tmp_path / "override", quantize_depthwise=True, **common))
+    assert DEPTHWISE_REASON not in float_reasons(tmp_path / "override")
+    with pytest.raises(ValueError, match="INT8 only"):
+        convert(knn_run, "intel-cpu", tmp_path / "fp32", precision="fp32", quantize_depthwise=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,3 +93,50 @@ def test_precision_hint_and_errors(knn_onnx, tmp_path):
         convert_openvino(tmp_path / "missing.onnx", tmp_path / "z")
     with pytest.raises(FileNotFoundError, match="IR not found"):
         compile_openvino(tmp_path / "missing.xml")
+
+
+def _quantised_consumers(xml: Path) -> dict[str, str]:
+    """Friendly name -> type of every op that reads a FakeQuantize output (shape bookkeeping aside)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    return {t.get_node().get_friendly_name(): t.get_node().get_type_name()
+            for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
+            for out in op.outputs() for t in out.get_target_inputs() if t.get_node().get_type_name() != "ShapeOf"}
+
+
+def test_int8_keeps_the_stem_float_and_depthwise_on_request(knn_onnx, tmp_path):
+    from edge_ad.converters.qdq import DEPTHWISE_REASON, INPUT_LAYER_REASON, float_layers_by_role
+
+    path, calib, x, ref_maps, ref_scores = knn_onnx
+    roles = float_layers_by_role(path)
+    stem = [n for n, why in roles.items() if why == INPUT_LAYER_REASON]
+    depthwise = [n for n, why in roles.items() if why == DEPTHWISE_REASON]
+    assert stem == ["/backbone/conv_stem/Conv"] and len(depthwise) >= 5  # Lite0 stages up to layer 3
+
+    def quantised(name: str, consumers: dict[str, str]) -> bool:
+        # The conv's own module: TF "same" padding puts a Pad between the quantiser and the conv.
+        module = name.rsplit("/", 1)[0] + "/"
+        return any(c.startswith(module) for c in consumers)
+
+    results = {}
+    for label, kwargs in {"default": {}, "int8 stem": {"keep_input_layers": False},
+                          "float depthwise": {"quantize_depthwise": False}}.items():
+        results[label] = convert_openvino(path, tmp_path / label.replace(" ", "_"), precision="int8",
+                                          calibration_images=calib, **kwargs)
+    default = _quantised_consumers(results["default"].xml)
+    assert not quantised(stem[0], default) and all(quantised(n, default) for n in depthwise)
+    assert results["default"].quantization["float_layers"] == {stem[0]: INPUT_LAYER_REASON}
+    assert quantised(stem[0], _quantised_consumers(results["int8 stem"].xml))
+    float_dw = _quantised_consumers(results["float depthwise"].xml)
+    assert not any(quantised(n, float_dw) for n in depthwise + stem)
+    assert not any(t == "GroupConvolution" for t in float_dw.values())
+    # Each layer kept float brings INT8 closer to FP32 on the real test images. Measured here (64 px,
+    # 12 calibration images): map 1 - cosine 0.0143 (INT8 stem) > 0.0129 (default) > 0.0012 (float
+    # depthwise); at 256 px on four real categories the stem alone cut the score error 30-55 %.
+    map_error, score_error = {}, {}
+    for label, result in results.items():
+        maps, scores = openvino_runner(result.xml, precision_hint="f32")(x)
+        map_error[label], score_error[label] = 1 - _cosine(maps, ref_maps), float(np.abs(scores - ref_scores).mean())
+    assert map_error["float depthwise"] < map_error["default"] < map_error["int8 stem"]
+    assert score_error["float depthwise"] < 0.5 * score_error["default"]

@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-map-error", type=float, default=None,
                         help="INT8 fidelity budget (1 - map cosine vs FP32 on the calibration images): a "
                         "sensitivity search keeps the most sensitive blocks in float until it holds")
+    parser.add_argument("--quantize-depthwise", action=argparse.BooleanOptionalAction, default=None,
+                        help="INT8: quantise (or, with --no-quantize-depthwise, keep float) the depthwise convs of "
+                        "CNN backbones; default: OpenVINO follows the method (FoundAD keeps them float), Q/DQ "
+                        "ONNX keeps them float")
     parser.add_argument("--batch", type=int, default=1,
                         help="static batch N of the model (OpenVINO, onnxruntime and TensorRT targets; FP32 / FP16 / "
                         "INT8): the runtime gathers up to N frames of different cameras into one engine call "
@@ -44,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
                 calib_count=args.calib_count, synthetic_fraction=args.synthetic_fraction, val_data=args.val_data,
                 val_category=args.val_category, threshold_fpr=args.threshold_fpr,
                 max_map_error=args.max_map_error, tar=args.tar, sign_key=args.sign_key,
-                batch=args.batch)
+                batch=args.batch, quantize_depthwise=args.quantize_depthwise)
     return 0
