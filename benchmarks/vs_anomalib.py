@@ -56,6 +56,11 @@ anomalib traps, checked in the installed 2.7.0 source and worked around (``docs/
 * ``PostProcessor`` min-max normalises and **clamps** scores to [0, 1], which ties the most and
   least anomalous images and changes AUROC; it is disabled (``enable_normalization=False``), raw
   scores and maps are compared (normalisation is monotone otherwise).
+* PatchCore's coreset is random and not seeded by ``torch.manual_seed`` alone: ``KCenterGreedy``
+  starts from a ``torch.randint`` and its ``SparseRandomProjection`` draws with sklearn's
+  ``sample_without_replacement(random_state=None)``, i.e. numpy's global generator. Two runs fitted
+  different memory banks (transistor image AUROC 62.5 and 68.8). The worker seeds python, numpy and
+  torch with ``--anomalib-seeds``' first seed; more seeds refit FP32 only and print the spread.
 * ``INT8_PTQ`` calibrates on the datamodule's *validation* split (half of the test set by
   default, defects included). The script calls the same ``nncf.quantize`` on the category's
   ``train/good`` images instead, the pool edge_ad's converter calibrates on too.
@@ -118,7 +123,15 @@ def _anomalib_model(cfg: dict[str, Any]) -> dict[str, Any]:
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-    torch.manual_seed(0)
+    # PatchCore's coreset starts from a torch.randint and projects with sklearn's
+    # sample_without_replacement on numpy's global generator: both must be seeded, or every run
+    # fits another memory bank (transistor image AUROC moved 62.5 -> 68.8 between two runs).
+    import random
+
+    seed = int(cfg.get("seed", 0))
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     h, w = cfg["size"]
     pre = PreProcessor(transform=Compose([Resize((h, w), antialias=True), Normalize(LITE0_MEAN, LITE0_STD)]))
     post = PostProcessor(enable_normalization=False)
@@ -147,12 +160,15 @@ def _anomalib_model(cfg: dict[str, Any]) -> dict[str, Any]:
 
     fp32 = Path(exported)
     baked = str(ov.Core().read_model(fp32).input(0).get_partial_shape())
-    calib = [np.load(p) for p in cfg["calibration"]]  # (1, 3, H, W) float 0..1, written by the main side
-    int8_model = nncf.quantize(ov.Core().read_model(fp32), nncf.Dataset(calib))
-    int8 = out / "int8" / "model.xml"
-    int8.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(int8_model, int8, compress_to_fp16=False)
-    return {"fp32": str(fp32), "int8": str(int8), "fit_seconds": round(fit_s, 2), "exported_input": baked,
+    int8: Path | None = None
+    if cfg.get("int8", True):  # the seed-spread fits (--anomalib-seeds) need only the FP32 IR
+        calib = [np.load(p) for p in cfg["calibration"]]  # (1, 3, H, W) float 0..1, written by the main side
+        int8_model = nncf.quantize(ov.Core().read_model(fp32), nncf.Dataset(calib))
+        int8 = out / "int8" / "model.xml"
+        int8.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(int8_model, int8, compress_to_fp16=False)
+    return {"fp32": str(fp32), "int8": str(int8) if int8 else None, "fit_seconds": round(fit_s, 2),
+            "exported_input": baked, "seed": seed,
             "unexpected_keys": len(unexpected), "anomalib": __import__("anomalib").__version__,
             "worker_seconds": round(time.perf_counter() - t0, 2)}
 
@@ -439,6 +455,29 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+def format_seed_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the anomalib models' FP32 image / pixel AUROC over ``--anomalib-seeds``
+    (min / median / max, percent) beside the deterministic edge_ad rows of the same category; empty
+    when each model was fitted with one seed."""
+    import statistics
+
+    spread = [r for r in rows if len(r.get("seed_metrics", {})) > 1]
+    if not spread:
+        return ""
+    lines = ["| category | model | seeds | I-AUROC min / median / max | P-AUROC min / median / max | "
+             "edge_ad knn I / P |", "|" + "---|" * 6]
+    for r in spread:
+        knn = next((k["metrics"] for k in rows if k["category"] == r["category"] and k["model"] == "knn"), None)
+        cells = []
+        for key in ("image_auroc", "pixel_auroc"):
+            values = [100 * m[key] for m in r["seed_metrics"].values()]
+            cells.append(f"{min(values):.1f} / {statistics.median(values):.1f} / {max(values):.1f}")
+        knn_cell = f"{100 * knn['image_auroc']:.1f} / {100 * knn['pixel_auroc']:.1f}" if knn else "-"
+        lines.append(f"| {r['category']} | {r['model']} | {', '.join(r['seed_metrics'])} | {cells[0]} | {cells[1]} | "
+                     f"{knn_cell} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from edge_ad.cli._parse import key_value
 
@@ -460,7 +499,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--knn-option", dest="knn_options", type=key_value, action="append", default=[],
                     help="extra knn config field KEY=VALUE (ablations), e.g. score_neighbors=1")
     ap.add_argument("--rounds", type=int, default=30, help="timed frames per model (interleaved)")
+    ap.add_argument("--anomalib-seeds", type=int, nargs="+", default=[0],
+                    help="seeds of anomalib's fits (python, numpy and torch): the first is the table's model; "
+                    "more print a seed-spread table of FP32 image / pixel AUROC (PatchCore's coreset is random)")
     args = ap.parse_args(argv)
+    if len(set(args.anomalib_seeds)) != len(args.anomalib_seeds):
+        ap.error(f"--anomalib-seeds repeats a seed: {args.anomalib_seeds}")
     if "student" in args.models and "knn" not in args.models:
         ap.error("model student is distilled from the category's knn run: add knn to --models")
     # knn before student (its teacher); otherwise the table keeps the order given.
@@ -499,20 +543,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[vs_anomalib] {cat} / {' + '.join(wanted)} (anomalib worker)", flush=True)
             with phases.time("anomalib worker: fit + OpenVINO export + NNCF INT8"):
                 calib = calibration_inputs(data, cat, size, out / cat / "calibration")
-                cfgs = [{"model": m, "category": cat, "root": str(shots_root / cat), "size": size,
+                # The first seed is the table's model (FP32 + INT8 + timing); further seeds are
+                # FP32-only refits for the seed-spread table.
+                seed0, *more_seeds = args.anomalib_seeds
+                cfgs = [{"model": m, "category": cat, "root": str(shots_root / cat), "size": size, "seed": seed0,
                          "weights": str(weights), "out": str(out / cat / m), "calibration": calib} for m in wanted]
+                cfgs += [{**c, "seed": sd, "int8": False, "out": f"{c['out']}-seed{sd}"}
+                         for sd in more_seeds for c in cfgs[: len(wanted)]]
                 proc = subprocess.run([args.anomalib_python, __file__, "--worker", json.dumps(cfgs)],
                                       capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if proc.returncode != 0:
                 raise RuntimeError(f"anomalib worker failed for {cat}:\n{proc.stderr[-4000:]}")
-            for model, res in zip(wanted, json.loads(proc.stdout.strip().splitlines()[-1])):
+            results = json.loads(proc.stdout.strip().splitlines()[-1])
+            for model, res in zip(wanted, results):
                 with phases.time("anomalib scoring: FP32 + INT8 IR on the test set"):
                     fp32, int8 = AnomalibIR(res["fp32"], size), AnomalibIR(res["int8"], size)
                     metrics, delta = anomalib_int8_delta(fp32, int8, test, size)
                 cat_rows[model] = {"category": cat, "model": model, "metrics": metrics, "int8_delta": delta,
                                    "fit_seconds": res["fit_seconds"], "anomalib": res["anomalib"],
-                                   "exported_input": res["exported_input"]}
+                                   "exported_input": res["exported_input"], "seed": res["seed"],
+                                   "seed_metrics": {str(res["seed"]): metrics}}
                 runners[model] = anomalib_runner(int8)
+            for cfg, res in zip(cfgs[len(wanted):], results[len(wanted):]):
+                with phases.time("anomalib seed spread: FP32 refits scored"):
+                    seed_metrics = score_anomalib(AnomalibIR(res["fp32"], size), test, size)
+                cat_rows[cfg["model"]]["seed_metrics"][str(res["seed"])] = seed_metrics
         for model in [m for m in args.models if m in EDGE_MODELS]:
             print(f"[vs_anomalib] {cat} / {model}", flush=True)
             row = run_edge_ad(model, shots_root, data, cat, out / cat, size, args, phases)
@@ -528,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / "vs_anomalib.partial.json").write_text(json.dumps(rows, indent=2, default=str))
         print(format_table(list(cat_rows.values())), flush=True)
     table = format_table(rows)
+    seed_table = format_seed_table(rows)
+    if seed_table:
+        table += "\n\nFP32 over anomalib seeds " + ", ".join(map(str, args.anomalib_seeds)) + ":\n\n" + seed_table
     seconds = round(time.perf_counter() - t_start, 1)
     load = os.getloadavg()
     report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -45,3 +45,13 @@ def onnx_bundle(knn_run, real_root, tmp_path_factory) -> Path:
 
     return convert(knn_run, "onnx-cpu", tmp_path_factory.mktemp("shared_bundles") / "onnx", precision="fp32",
                    calib_count=8, val_data=real_root, progress=False)
+
+
+@pytest.fixture(scope="session")
+def ov_bundle(knn_run, tmp_path_factory) -> Path:
+    """The knn run as one intel-cpu (OpenVINO) FP32 bundle, shared by the runtime tests. Read-only like
+    ``onnx_bundle``: copy it before changing it."""
+    from edge_ad.converters.convert import convert
+
+    return convert(knn_run, "intel-cpu", tmp_path_factory.mktemp("shared_bundles") / "ov", precision="fp32",
+                   calib_count=8, progress=False)

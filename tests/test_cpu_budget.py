@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from edge_ad.cli.main import main
-from edge_ad.converters.convert import convert
 from edge_ad.data import MVTecDataset
 from edge_ad.runtime import Detector, read_image
 from edge_ad.runtime import detector as detector_module
@@ -17,12 +16,6 @@ from edge_ad.runtime.benchmark import benchmark, format_report
 from edge_ad.runtime.cpu_budget import plan_cpu_budget, usable_cores
 
 CATEGORY = "mvtec_hazelnut_256"
-
-
-@pytest.fixture(scope="module")
-def ov_bundle(knn_run, tmp_path_factory):
-    return convert(knn_run, "intel-cpu", tmp_path_factory.mktemp("budget") / "ov", precision="fp32", calib_count=8,
-                   progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from edge_ad.cli.main import main
-from edge_ad.converters.convert import convert
 from edge_ad.data import MVTecDataset
 from edge_ad.runtime import BundleError, Detector, load_bundle, read_image, update_manifest
 from edge_ad.runtime.calibrate import MIN_MARGIN, PixelSample, calibrate_bundle
@@ -25,12 +24,6 @@ from edge_ad.runtime.sources import FrameSource
 from edge_ad.runtime.stream import StreamError
 
 CATEGORY = "mvtec_hazelnut_256"
-
-
-@pytest.fixture(scope="module")
-def ov_bundle(knn_run, tmp_path_factory):
-    return convert(knn_run, "intel-cpu", tmp_path_factory.mktemp("faults") / "ov", precision="fp32", calib_count=8,
-                   progress=False)
 
 
 @pytest.fixture(scope="module")

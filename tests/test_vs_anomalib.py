@@ -61,3 +61,20 @@ def test_phases_sum_repeated_phases_and_account_for_the_rest() -> None:
         raise RuntimeError("boom")
     table = phases.table(total=10.0)
     assert table.splitlines()[2].startswith("| fit | 0 | 0 % |") and "| other" in table.splitlines()[-1]
+
+
+def test_seed_spread_table_sits_beside_knn_and_seeds_parse() -> None:
+    vs = _module()
+    patchcore = _row("a", "patchcore", 0.50, 0.82, 0.0)
+    patchcore["seed_metrics"] = {s: {"image_auroc": i, "pixel_auroc": p}
+                                 for s, i, p in (("0", 0.50, 0.82), ("1", 0.5625, 0.815), ("2", 0.50, 0.814))}
+    padim = _row("a", "padim", 0.50, 0.84, 0.0)
+    padim["seed_metrics"] = {"0": padim["metrics"]}  # one seed: no spread row
+    rows = [patchcore, padim, _row("a", "knn", 0.625, 0.888, 0.0)]
+    lines = vs.format_seed_table(rows).splitlines()
+    assert lines[2] == "| a | patchcore | 0, 1, 2 | 50.0 / 50.0 / 56.2 | 81.4 / 81.5 / 82.0 | 62.5 / 88.8 |"
+    assert len(lines) == 3 and vs.format_seed_table([padim]) == ""
+    assert vs.parse_args(["--data", "d", "--out", "o"]).anomalib_seeds == [0]
+    assert vs.parse_args(["--data", "d", "--out", "o", "--anomalib-seeds", "3", "1"]).anomalib_seeds == [3, 1]
+    with pytest.raises(SystemExit):
+        vs.parse_args(["--data", "d", "--out", "o", "--anomalib-seeds", "1", "1"])
