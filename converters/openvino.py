@@ -4,9 +4,11 @@ Precision recipe for anomaly detectors:
 
 * Only the encoder and the method's learned projector are quantised (``/backbone/``, ``/projector/``
   nodes), minus the layer that reads the image (a CNN's stem; a ViT's patch embedding is outside the
-  ViT scopes anyway), as in the Q/DQ recipe: INT8 there halved FoundAD's INT8 score error on all
-  four real categories for no measurable engine time (``docs/VS_ANOMALIB.md``). Depthwise convs are
-  quantised unless the method asks otherwise (:attr:`AnomalyDetector.int8_quantize_depthwise`). The scoring head stays in floating point: knn scores are ``‖a‖² + ‖b‖² − 2ab`` (an INT8
+  ViT scopes anyway), as in the Q/DQ recipe: keeping it float cut the INT8 score error of knn and
+  FoundAD by 31-57 % on all four real categories for no measurable engine time
+  (``docs/VS_ANOMALIB.md``, "INT8 recipe"). Depthwise convs are quantised unless the method asks
+  otherwise (:attr:`AnomalyDetector.int8_quantize_depthwise`).
+* The scoring head stays in floating point: knn scores are ``‖a‖² + ‖b‖² − 2ab`` (an INT8
   MatMul there loses everything to cancellation) and FoundAD scores are a small residual between
   two nearly equal feature maps; the Gaussian smoothing and the normalisation are cheap anyway.
 * ViTs get ``model_type=TRANSFORMER`` (NNCF then leaves residual Adds, LayerNorm and Softmax in
@@ -133,11 +135,12 @@ def convert_openvino(
         preset: ``"performance"`` (symmetric activations) or ``"mixed"`` (asymmetric activations,
             which suits the non-negative ReLU6 outputs of CNN backbones); None = NNCF's default.
         keep_input_layers: keep the layers that read the input image float (a CNN's stem conv).
-            Measured on EfficientNet-Lite0 knn / FoundAD / student bundles, 4 real categories: INT8
-            image-score error against FP32 down 30-55 %, engine time unchanged (3 input channels).
+            Measured on EfficientNet-Lite0 knn and FoundAD, 4 real categories
+            (``benchmarks/int8_recipe.py``): INT8 score error against FP32 on the calibration
+            images down 31-57 %, engine time unchanged (3 input channels).
         quantize_depthwise: quantise depthwise convs. False keeps them float like the Q/DQ
-            recipe: INT8 score error down a further 10-75 % on the test sets, for +15 % (FoundAD)
-            to +21 % (knn) INT8 engine time on the 2-core Zen 4 CPU.
+            recipe: INT8 score error down a further 24-79 % on the test sets, for +12-20 % (FoundAD)
+            and +15-21 % (knn) INT8 engine time on the 2-core Zen 4 CPU.
 
     Returns:
         :class:`OpenVINOResult`.

@@ -141,8 +141,8 @@ class FoundAD(AnomalyDetector):
     config_class = FoundADConfig
     fit_mode = "gradient"
     # Float depthwise convs in OpenVINO INT8: on the four real categories of benchmarks/vs_anomalib.py
-    # the test-set INT8 score error fell 25-79 % (transistor image-AUROC delta -12.5 -> -6.2 pt)
-    # for +15 % INT8 engine time; FoundAD is the accuracy-first method.
+    # the test-set INT8 score error fell 24-79 % (transistor image-AUROC delta -12.5 -> -6.2 pt)
+    # for +9-18 % INT8 engine time (benchmarks/int8_recipe.py); FoundAD is the accuracy-first method.
     int8_quantize_depthwise = False
 
     def __init__(self, config: FoundADConfig, backbone: Backbone | None = None) -> None:
