@@ -93,7 +93,6 @@ def convert(
             and checked frame by frame against the batch-1 model on the calibration images (the largest
             map / score difference is recorded in ``info.batch``; above
             :data:`MAX_REBATCH_ERROR` the conversion fails).
-
         quantize_depthwise: INT8 only: quantise depthwise convs (CNN backbones). None = the
             recipe's default: OpenVINO follows the method
             (:attr:`~edge_ad.methods.base.AnomalyDetector.int8_quantize_depthwise`: knn and
