@@ -140,7 +140,7 @@ def convert_openvino(
             images down 31-57 %, engine time unchanged (3 input channels).
         quantize_depthwise: quantise depthwise convs. False keeps them float like the Q/DQ
             recipe: INT8 score error down a further 24-79 % on the test sets, for +12-20 % (FoundAD)
-            and +15-21 % (knn) INT8 engine time on the 2-core Zen 4 CPU.
+            and +15-21 % (knn) INT8 engine time on the 2-core CPU of docs/VS_ANOMALIB.md.
 
     Returns:
         :class:`OpenVINOResult`.
