@@ -39,22 +39,16 @@ RECIPES: dict[str, dict[str, bool]] = {
 }
 
 
-def _auroc(labels: np.ndarray, values: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, values))
-
-
 def measure_run(run: Path, data: Path, category: str, recipes: list[str], rounds: int, work: Path) -> list[dict[str, Any]]:
     """One row per recipe for the run (see the module docstring)."""
-    import cv2
-
     from edge_ad.calibration import build_calibration_set
     from edge_ad.converters.export import export_onnx
     from edge_ad.converters.fidelity import torch_runner
     from edge_ad.converters.openvino import compile_openvino, convert_openvino, openvino_runner
     from edge_ad.data import MVTecDataset
+    from edge_ad.data.masks import resize_mask
     from edge_ad.methods import load_detector
+    from edge_ad.metrics import image_auroc, pixel_auroc
     from edge_ad.runtime.preprocessing import preprocess_batch
 
     detector = load_detector(run).eval()
@@ -64,8 +58,7 @@ def measure_run(run: Path, data: Path, category: str, recipes: list[str], rounds
     items = [test[i] for i in range(len(test))]
     x = preprocess_batch([it.image for it in items], spec, color_order="rgb")
     labels = np.array([it.label for it in items])
-    masks = np.stack([cv2.resize((it.mask > 0).astype(np.uint8), (spec.width, spec.height),
-                                 interpolation=cv2.INTER_NEAREST) for it in items]).reshape(-1) > 0
+    masks = np.stack([resize_mask(np.asarray(it.mask, bool), (spec.height, spec.width)) for it in items])
     reference = torch_runner(detector)
     ref_maps, ref_scores = reference(x)
     _, ref_calib_scores = reference(calib)
@@ -81,9 +74,9 @@ def measure_run(run: Path, data: Path, category: str, recipes: list[str], rounds
         rows.append({
             "recipe": recipe,
             "float_layers": len(result.quantization["float_layers"]),
-            "image_auroc_fp32": 100 * _auroc(labels, ref_scores),
-            "delta_image_auroc": 100 * (_auroc(labels, scores) - _auroc(labels, ref_scores)),
-            "delta_pixel_auroc": 100 * (_auroc(masks, maps[:, 0].reshape(-1)) - _auroc(masks, ref_maps[:, 0].reshape(-1))),
+            "image_auroc_fp32": 100 * image_auroc(labels, ref_scores),
+            "delta_image_auroc": 100 * (image_auroc(labels, scores) - image_auroc(labels, ref_scores)),
+            "delta_pixel_auroc": 100 * (pixel_auroc(masks, maps[:, 0]) - pixel_auroc(masks, ref_maps[:, 0])),
             "test_score_error": float(np.abs(scores - ref_scores).mean()),
             "calib_score_error": float(np.abs(calib_scores - ref_calib_scores).mean()),
         })

@@ -171,10 +171,9 @@ def convert(
             ov = quantizer.results[frozenset(search["excluded"])]
             ov.quantization = {**(ov.quantization or {}), "sensitivity": search}
         else:
-            extra = {"quantize_depthwise": depthwise} if precision == "int8" else {}
             ov = convert_openvino(onnx_fp32, work / "openvino", precision=precision,
                                   calibration_images=calset.images, transformer=transformer, device=tgt.device,
-                                  **extra)
+                                  quantize_depthwise=depthwise)
         artifacts = {"model.onnx": onnx_fp32, "openvino/model.xml": ov.xml, "openvino/model.bin": ov.bin}
         hints = {"INFERENCE_PRECISION_HINT": ov.inference_precision_hint}
         quant_record = ov.quantization

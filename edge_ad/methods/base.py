@@ -233,8 +233,8 @@ class AnomalyDetector(nn.Module):
     method: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     fit_mode: ClassVar[str] = "none"
-    #: OpenVINO INT8 recipe for CNN backbones: quantise the depthwise convs (about 15-20 % of the
-    #: INT8 engine time on a 2-core CPU). A method whose scores need more fidelity than that speed
+    #: OpenVINO INT8 recipe for CNN backbones: quantise the depthwise convs (15-21 % of knn's INT8
+    #: engine time on a 2-core CPU, benchmarks/int8_recipe.py). A method whose scores need more fidelity than that speed
     #: is worth sets False (``edge_ad.convert(..., quantize_depthwise=...)`` overrides either way).
     int8_quantize_depthwise: ClassVar[bool] = True
 
